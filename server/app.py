@@ -1,0 +1,36 @@
+"""Assemble the aiohttp Application: routes, middleware, and the shared state handlers use."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from server import __version__
+from server.admission import AdmissionGate
+from server.app_keys import OPENAPI, SERVICE, STATE
+from server.config import Config
+from server.engines.base import Engine
+from server.handlers import routes
+from server.middlewares import error_middleware
+from server.openapi import build_openapi
+from server.serving import GenerationService
+from server.state import ServerState
+
+__all__ = ["build_app"]
+
+
+def build_app(engine: Engine, config: Config) -> web.Application:
+    settings = config.server
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[error_middleware(settings.max_body_bytes)],
+    )
+    gate = AdmissionGate(
+        max_running=engine.parallel,
+        max_waiting=settings.max_waiting,
+        timeout_seconds=settings.queue_timeout_seconds,
+    )
+    app[STATE] = ServerState()
+    app[SERVICE] = GenerationService(engine, gate, ping_seconds=settings.sse_ping_seconds)
+    app[OPENAPI] = build_openapi(__version__)
+    app.add_routes(routes)
+    return app

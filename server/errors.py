@@ -1,0 +1,162 @@
+"""Errors the API returns, all in OpenAI's envelope `{"error": {message, type, param, code}}`.
+
+Hierarchy::
+
+    APIError
+    ├── InvalidRequest          400 invalid_request_error
+    ├── NotFound                404 invalid_request_error (model_not_found, unknown_url)
+    ├── MethodNotAllowed        405 invalid_request_error
+    ├── PayloadTooLarge         413 invalid_request_error (request_too_large)
+    ├── UnsupportedMediaType    415 invalid_request_error
+    ├── ServiceUnavailable      503 server_error (not ready, draining, overloaded)
+    ├── InternalError           500 server_error (a bug or an engine failure; details in the log)
+    └── HTTPStatusError         any other status aiohttp raised
+
+Handlers raise these; one middleware turns them into responses. Messages never include request
+headers, keys or prompt text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+__all__ = [
+    "APIError",
+    "HTTPStatusError",
+    "InternalError",
+    "InvalidRequest",
+    "MethodNotAllowed",
+    "NotFound",
+    "PayloadTooLarge",
+    "ServiceUnavailable",
+    "UnsupportedMediaType",
+    "envelope",
+    "from_validation_error",
+]
+
+
+class APIError(Exception):
+    status = 500
+    type = "server_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return envelope(self.message, self.type, self.param, self.code)
+
+    def response(self) -> web.Response:
+        return web.Response(
+            status=self.status,
+            text=json.dumps(self.body()),
+            content_type="application/json",
+            headers=self.headers,
+        )
+
+
+class InvalidRequest(APIError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class NotFound(APIError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class MethodNotAllowed(APIError):
+    status = 405
+    type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class PayloadTooLarge(APIError):
+    status = 413
+    type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class UnsupportedMediaType(APIError):
+    status = 415
+    type = "invalid_request_error"
+    default_code = "unsupported_media_type"
+
+
+class ServiceUnavailable(APIError):
+    status = 503
+    type = "server_error"
+
+
+class InternalError(APIError):
+    status = 500
+    type = "server_error"
+    default_code = "internal_error"
+
+
+class HTTPStatusError(APIError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = "invalid_request_error" if status < 500 else "server_error"
+
+
+def envelope(message: str, type_: str, param: str | None, code: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _param_path(loc: tuple[int | str, ...]) -> str | None:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not path:
+            path = part
+        # pydantic names the union member it tried ("str", "list[TextPart]"); clients know
+        # only field names, so those steps are dropped.
+        elif not any(c in part for c in "[]()") and part not in ("str", "int", "float", "bool"):
+            path += f".{part}"
+    return path or None
+
+
+def from_validation_error(exc: ValidationError) -> InvalidRequest:
+    """The first problem pydantic found, with the offending field as `param`."""
+    first = exc.errors(include_url=False)[0]
+    loc = tuple(first["loc"])
+    if first["type"] == "json_invalid":
+        return InvalidRequest(
+            f"The request body is not valid JSON: {first['msg']}", code="invalid_json"
+        )
+    if not loc:
+        return InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    param = _param_path(loc)
+    if first["type"] == "missing":
+        message = f"Missing required parameter: '{param}'."
+    elif first["type"] == "unsupported":
+        message = f"'{param}': {first['msg']}."
+    else:
+        message = f"Invalid value for '{param}': {first['msg']}."
+    return InvalidRequest(message, param=param, code=_code_for(first["type"]))
+
+
+def _code_for(error_type: str) -> str:
+    return {
+        "missing": "missing_required_parameter",
+        "unsupported": "unsupported_parameter",
+    }.get(error_type, "invalid_value")

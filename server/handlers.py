@@ -1,0 +1,100 @@
+"""Route handlers: thin, each reads its input, asks the service, and returns a response."""
+
+from __future__ import annotations
+
+import json
+from typing import TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from server.app_keys import OPENAPI, SERVICE, STATE
+from server.errors import UnsupportedMediaType, from_validation_error
+from server.middlewares import REQUEST_ID, REQUEST_ID_HEADER
+from server.protocol import ChatCompletionRequest, CompletionRequest
+
+__all__ = ["routes"]
+
+routes = web.RouteTableDef()
+_Body = TypeVar("_Body", bound=BaseModel)
+
+
+async def _read_body(request: web.Request, model: type[_Body]) -> _Body:
+    content_type = request.headers.get("Content-Type")
+    if content_type is not None and not _is_json(request.content_type):
+        raise UnsupportedMediaType(
+            f"Send the request body as JSON with Content-Type: application/json "
+            f"(got {request.content_type!r})."
+        )
+    raw = await request.read()
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type == "application/json" or content_type.endswith("+json")
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, ChatCompletionRequest)
+
+
+@routes.post("/v1/completions")
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, CompletionRequest)
+
+
+async def _generate(
+    request: web.Request, model: type[ChatCompletionRequest] | type[CompletionRequest]
+) -> web.StreamResponse:
+    state = request.app[STATE]
+    service = request.app[SERVICE]
+    state.check_accepting()
+    body = await _read_body(request, model)
+    request_id = request[REQUEST_ID]
+    if isinstance(body, ChatCompletionRequest):
+        prepared = await service.prepare_chat(body, request_id)
+    else:
+        prepared = await service.prepare_completion(body, request_id)
+    state.enter()
+    try:
+        return await service.respond(request, prepared, {REQUEST_ID_HEADER: request_id})
+    finally:
+        state.leave()
+
+
+@routes.get("/v1/models")
+async def models(request: web.Request) -> web.Response:
+    info = request.app[SERVICE].engine.info
+    created = int(request.app[STATE].started_at)
+    entry = {
+        "id": info.model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "llmserve",
+        "engine": info.engine,
+        "context_length": info.context_length,
+    }
+    return web.json_response({"object": "list", "data": [entry]})
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    """Liveness: the process answers. Says nothing about the model."""
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/ready")
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: 200 only while the model is loaded and the server is not draining."""
+    state = request.app[STATE]
+    status = state.status
+    return web.json_response({"status": status}, status=200 if status == "ready" else 503)
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(text=json.dumps(request.app[OPENAPI]), content_type="application/json")

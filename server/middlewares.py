@@ -1,0 +1,77 @@
+"""Request ids, and one place where every failure becomes an OpenAI error envelope.
+
+aiohttp's own HTTP exceptions (unknown URL, wrong method, body over the size limit) are mapped
+too, so a client never sees an HTML or plain-text error page from this server.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from server.errors import (
+    APIError,
+    HTTPStatusError,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+)
+
+__all__ = ["REQUEST_ID", "REQUEST_ID_HEADER", "error_middleware"]
+
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+
+log = logging.getLogger("llmserve.http")
+
+REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID = web.RequestKey("request_id", str)
+# A caller-chosen id is echoed only if it is short and plain, so it cannot inject into logs.
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def error_middleware(max_body_bytes: int) -> Middleware:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        offered = request.headers.get(REQUEST_ID_HEADER, "")
+        request_id = offered if _SAFE_REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
+        request[REQUEST_ID] = request_id
+        try:
+            response = await handler(request)
+        except APIError as exc:
+            response = exc.response()
+        except web.HTTPException as exc:
+            response = _from_http_exception(request, exc, max_body_bytes).response()
+        except Exception:
+            log.exception(
+                "unhandled error in %s %s (request %s)", request.method, request.path, request_id
+            )
+            response = InternalError("The server had an internal error.").response()
+        if not response.prepared:
+            response.headers[REQUEST_ID_HEADER] = request_id
+        return response
+
+    return middleware
+
+
+def _from_http_exception(
+    request: web.Request, exc: web.HTTPException, max_body_bytes: int
+) -> APIError:
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFound(f"Unknown URL: {request.method} {request.path}", code="unknown_url")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return MethodNotAllowed(
+            f"{request.method} is not allowed on {request.path}; use {allowed}.",
+            headers={"Allow": allowed},
+        )
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return PayloadTooLarge(
+            f"The request body is larger than this server's limit of {max_body_bytes} bytes."
+        )
+    return HTTPStatusError(exc.status, exc.reason or "HTTP error")

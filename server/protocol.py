@@ -1,0 +1,315 @@
+"""The OpenAI wire format: request models that validate, response models that document.
+
+Requests are parsed straight from the body bytes by pydantic (strict types, no NaN or infinity),
+so a wrong type or value becomes a 400 that names the field. The same models generate the
+OpenAPI document, which is how /openapi.json stays true to what the handlers accept and return.
+Parameters this server does not implement are refused by name instead of silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+__all__ = [
+    "ChatCompletionChunk",
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "ChatMessage",
+    "CompletionChunk",
+    "CompletionRequest",
+    "CompletionResponse",
+    "ErrorResponse",
+    "ModelList",
+    "Usage",
+]
+
+_MAX_STOP_SEQUENCES = 16
+
+
+def _unsupported(what: str) -> PydanticCustomError:
+    return PydanticCustomError("unsupported", f"{what} is not supported by this server")
+
+
+class _Request(BaseModel):
+    # Unknown fields are ignored, as OpenAI-compatible servers commonly do, so clients that send
+    # newer parameters keep working; known-but-unsupported ones are refused below.
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _GenerationRequest(_Request):
+    model: str = Field(description="The id of a model listed by GET /v1/models.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = Field(
+        None, description="0 samples greedily."
+    )
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = Field(None, description="0 or -1 disables it.")
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    stop: str | Annotated[list[str], Field(max_length=_MAX_STOP_SEQUENCES)] | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = Field(
+        None, description="1 disables it."
+    )
+    user: Annotated[str, Field(max_length=256)] | None = None
+    n: Annotated[int, Field(ge=1)] | None = Field(None, description="Only 1 is supported.")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported; omit it.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, value: str | list[str] | None) -> str | list[str] | None:
+        items = [value] if isinstance(value, str) else value or []
+        if any(not s for s in items):
+            raise PydanticCustomError("empty_stop", "stop sequences must not be empty")
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _single_choice(cls, value: int | None) -> int | None:
+        if value is not None and value > 1:
+            raise _unsupported("n > 1 (several choices per request)")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value:
+            raise _unsupported("logit_bias")
+        return value
+
+    def stop_sequences(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ResponseFormat(_Request):
+    type: Literal["text"] = Field(description="Only plain text output is supported.")
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool | None = Field(None, description="Not supported; omit it or send false.")
+    top_logprobs: int | None = Field(None, description="Not supported; omit it.")
+    tools: list[dict[str, Any]] | None = Field(None, description="Not supported; omit it.")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none'.")
+    functions: list[dict[str, Any]] | None = Field(None, description="Not supported; omit it.")
+    function_call: str | dict[str, Any] | None = Field(None, description="Only 'none'.")
+    response_format: ResponseFormat | None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | None) -> bool | None:
+        if value:
+            raise _unsupported("logprobs")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _no_top_logprobs(cls, value: int | None) -> int | None:
+        if value is not None:
+            raise _unsupported("top_logprobs")
+        return value
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if value:
+            raise _unsupported("tool calling")
+        return value
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if value is not None and value != "none":
+            raise _unsupported("tool calling")
+        return value
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens else self.max_tokens
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[str] | list[int] = Field(
+        description="A string, a list with one string, or a list of token ids."
+    )
+    echo: bool | None = Field(None, description="Not supported; omit it or send false.")
+    suffix: str | None = Field(None, description="Not supported; omit it.")
+    best_of: int | None = Field(None, description="Only 1 is supported.")
+    logprobs: int | None = Field(None, description="Not supported; omit it.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str] | list[int]) -> str | list[str] | list[int]:
+        if isinstance(value, list):
+            if not value:
+                raise PydanticCustomError("empty_prompt", "prompt must not be empty")
+            if isinstance(value[0], str) and len(value) > 1:
+                raise _unsupported("a batch of several prompts in one request")
+        return value
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool | None) -> bool | None:
+        if value:
+            raise _unsupported("echo")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise _unsupported("suffix")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, value: int | None) -> int | None:
+        if value is not None and value != 1:
+            raise _unsupported("best_of other than 1")
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: int | None) -> int | None:
+        if value is not None:
+            raise _unsupported("logprobs")
+        return value
+
+    def requested_max_tokens(self) -> int | None:
+        # OpenAI's legacy completions default to 16 tokens; keep that for drop-in clients.
+        return self.max_tokens if self.max_tokens is not None else 16
+
+
+# Responses: documented in /openapi.json and used by tests to check what the handlers send.
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class _Response(BaseModel):
+    id: str
+    created: int
+    model: str
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletionResponse(_Response):
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(_Response):
+    """One `data:` event of a streamed chat completion."""
+
+    object: Literal["chat.completion.chunk"]
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class CompletionResponse(_Response):
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunk(_Response):
+    """One `data:` event of a streamed completion."""
+
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    engine: str = Field(description="llamacpp, exllamav2, or synthetic (a load-test engine).")
+    context_length: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[Model]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope, used for every 4xx and 5xx and for in-stream errors."""
+
+    error: ErrorDetail

@@ -1,0 +1,108 @@
+"""Run the server: uvloop, listen, load the model, serve, and drain on SIGTERM.
+
+The socket opens before the model loads, so /health answers (and /ready says "loading") while a
+large model is still coming in. On SIGTERM or SIGINT readiness goes to 503, new generations are
+refused, streams in flight get up to `drain_timeout_seconds` to finish, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import uvloop
+from aiohttp import web
+
+from server.app import build_app
+from server.app_keys import STATE
+from server.config import Config
+from server.engines import EngineError, create_engine
+from server.engines.base import ModelInfo
+
+__all__ = ["run"]
+
+log = logging.getLogger("llmserve")
+
+
+def run(config: Config) -> int:
+    """Serve until a stop signal; the return value is the process exit code."""
+    return uvloop.run(_serve(config))
+
+
+async def _serve(config: Config) -> int:
+    try:
+        engine = create_engine(config)
+    except EngineError as exc:
+        log.error("%s", exc)
+        return 1
+    app = build_app(engine, config)
+    state = app[STATE]
+    # Cancel a handler when its client disconnects: that is what stops a non-streaming
+    # generation nobody will read.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    settings = config.server
+    site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=1.0)
+    try:
+        await site.start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc)
+        await runner.cleanup()
+        return 1
+    host, port = runner.addresses[0][:2]
+    log.info("listening on http://%s:%s (engine %s)", host, port, config.engine.kind)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    load = asyncio.create_task(engine.load())
+    await asyncio.wait([load, asyncio.create_task(stop.wait())], return_when="FIRST_COMPLETED")
+    if not load.done():
+        load.cancel()
+        log.info("stopped while the model was loading")
+        await runner.cleanup()
+        return 0
+    try:
+        info = load.result()
+    except EngineError as exc:
+        log.error("model load failed: %s", exc)
+        await runner.cleanup()
+        return 1
+    _log_loaded(info)
+    state.loaded = True
+    log.info("ready: http://%s:%s/v1 serves model %r", host, port, info.model_id)
+
+    await stop.wait()
+    state.draining = True
+    log.info(
+        "draining: %d requests in flight, up to %g s",
+        state.in_flight,
+        settings.drain_timeout_seconds,
+    )
+    if not await state.wait_idle(settings.drain_timeout_seconds):
+        log.warning("drain timeout: stopping %d requests still in flight", state.in_flight)
+    # Closing the engine ends what is left; those streams get an in-band error event, and
+    # the runner gives their handlers a moment to write it before closing connections.
+    await engine.close()
+    await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+def _log_loaded(info: ModelInfo) -> None:
+    details = ", ".join(f"{k}={v}" for k, v in info.details.items())
+    log.info(
+        "loaded model %r (%s) with engine %s from %s in %.2f s; context %d tokens per request, "
+        "%d requests at once%s",
+        info.model_id,
+        info.description,
+        info.engine,
+        info.source,
+        info.load_seconds,
+        info.context_length,
+        info.parallel,
+        f"; {details}" if details else "",
+    )

@@ -1,0 +1,202 @@
+"""From a validated OpenAI request to engine work, and from engine output to the HTTP response.
+
+Everything that can fail because of the request (unknown model, a prompt that does not fit, a
+chat template that refuses the conversation) is checked before the first response byte, so it
+is still a plain 4xx; only engine failures after that point travel in-band as an `error` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from server.admission import AdmissionGate
+from server.chat_template import ChatTemplateError
+from server.chunks import ChatFormat, CompletionFormat, ResponseFormat
+from server.engines.base import (
+    Completion,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    RequestTooLarge,
+    SamplingParams,
+)
+from server.errors import InternalError, InvalidRequest, NotFound, envelope
+from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.sse import EventStream
+
+log = logging.getLogger("llmserve.serving")
+
+# Prompts longer than this are tokenized on a worker thread so the event loop stays free.
+_INLINE_TOKENIZE_CHARS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A request that passed every check: ready to run."""
+
+    generation: GenerationRequest
+    format: ResponseFormat
+    stream: bool
+    include_usage: bool
+
+
+class GenerationService:
+    def __init__(self, engine: Engine, gate: AdmissionGate, *, ping_seconds: float) -> None:
+        self.engine = engine
+        self.gate = gate
+        self.ping_seconds = ping_seconds
+
+    # preparation ------------------------------------------------------------------------------
+
+    async def prepare_chat(self, body: ChatCompletionRequest, request_id: str) -> Prepared:
+        self._check_model(body.model)
+        messages = [{"role": _template_role(m.role), "content": m.text()} for m in body.messages]
+        try:
+            text = self.engine.chat_template.render(messages)
+        except ChatTemplateError as exc:
+            raise InvalidRequest(str(exc), param="messages", code="invalid_messages") from None
+        tokens = await self._tokenize(text)
+        max_tokens = self._fit(len(tokens), body.requested_max_tokens(), "messages")
+        fmt = ChatFormat(body.model, include_usage=body.include_usage)
+        return self._prepared(body, request_id, tokens, max_tokens, fmt)
+
+    async def prepare_completion(self, body: CompletionRequest, request_id: str) -> Prepared:
+        self._check_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            tokens = [int(t) for t in prompt]
+            try:
+                self.engine.validate_token_ids(tokens)
+            except EngineError as exc:
+                raise InvalidRequest(str(exc), param="prompt", code="invalid_value") from None
+        else:
+            tokens = await self._tokenize(prompt if isinstance(prompt, str) else str(prompt[0]))
+        max_tokens = self._fit(len(tokens), body.requested_max_tokens(), "prompt")
+        fmt = CompletionFormat(body.model, include_usage=body.include_usage)
+        return self._prepared(body, request_id, tokens, max_tokens, fmt)
+
+    def _check_model(self, model: str) -> None:
+        served = self.engine.info.model_id
+        if model != served:
+            raise NotFound(
+                f"The model '{model}' does not exist. This server serves '{served}'.",
+                param="model",
+                code="model_not_found",
+            )
+
+    async def _tokenize(self, text: str) -> list[int]:
+        if len(text) <= _INLINE_TOKENIZE_CHARS:
+            return self.engine.tokenize(text, add_special=True)
+        return await asyncio.to_thread(self.engine.tokenize, text, add_special=True)
+
+    def _fit(self, prompt_tokens: int, max_tokens: int | None, prompt_param: str) -> int:
+        if prompt_tokens == 0:
+            raise InvalidRequest("The prompt is empty.", param=prompt_param, code="invalid_value")
+        try:
+            return self.engine.check_fits(prompt_tokens, max_tokens, prompt_param)
+        except RequestTooLarge as exc:
+            raise InvalidRequest(
+                str(exc), param=exc.param, code="context_length_exceeded"
+            ) from None
+
+    @staticmethod
+    def _prepared(
+        body: ChatCompletionRequest | CompletionRequest,
+        request_id: str,
+        tokens: list[int],
+        max_tokens: int,
+        fmt: ResponseFormat,
+    ) -> Prepared:
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=body.top_k or 0,
+            min_p=body.min_p or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=body.repetition_penalty or 1.0,
+            seed=body.seed,
+            stop=body.stop_sequences(),
+        )
+        return Prepared(
+            GenerationRequest(request_id, tokens, params), fmt, body.stream, body.include_usage
+        )
+
+    # running ----------------------------------------------------------------------------------
+
+    async def respond(
+        self, request: web.Request, prepared: Prepared, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        async with self.gate.slot():
+            if prepared.stream:
+                return await self._stream(request, prepared, headers)
+            return await self._collect(prepared, headers)
+
+    async def _collect(self, prepared: Prepared, headers: dict[str, str]) -> web.Response:
+        async with self.engine.start(prepared.generation) as generation:
+            text = "".join([delta.text async for delta in generation])
+        completion = _completed(generation.completion)
+        if completion.finish_reason == "error":
+            log.error("generation failed: %s", completion.error)
+            raise InternalError("The engine failed while generating this response.")
+        return web.json_response(prepared.format.full(text, completion), headers=headers)
+
+    async def _stream(
+        self, request: web.Request, prepared: Prepared, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        fmt = prepared.format
+        events = EventStream(request, ping_seconds=self.ping_seconds, headers=headers)
+        await events.open()
+        try:
+            async with self.engine.start(prepared.generation) as generation:
+                if isinstance(fmt, ChatFormat):
+                    await events.send(fmt.role())
+                async for delta in generation:
+                    if delta.text:
+                        await events.send(fmt.delta(delta.text))
+            completion = _completed(generation.completion)
+            if completion.finish_reason in ("stop", "length"):
+                await events.send(fmt.finish(completion.finish_reason))
+                if prepared.include_usage:
+                    await events.send(fmt.usage(completion))
+            else:
+                await events.send(json.dumps(_in_stream_error(completion)))
+            await events.send("[DONE]")
+        except ConnectionError:
+            # The client went away mid-write; leaving the engine block already cancelled the work.
+            log.debug("client disconnected from stream %s", prepared.generation.request_id)
+        finally:
+            await events.close()
+        return events.response
+
+
+def _completed(completion: Completion | None) -> Completion:
+    if completion is None:
+        raise InternalError("The engine ended a stream without a result.")
+    return completion
+
+
+def _in_stream_error(completion: Completion) -> dict[str, object]:
+    if completion.finish_reason == "cancelled":
+        return envelope(
+            "The server stopped this generation (it is shutting down).",
+            "server_error",
+            None,
+            "generation_cancelled",
+        )
+    log.error("generation failed mid-stream: %s", completion.error)
+    return envelope(
+        "The engine failed while generating this response.", "server_error", None, "engine_error"
+    )
+
+
+def _template_role(role: str) -> str:
+    # OpenAI's newer "developer" role is the system prompt under another name; model templates
+    # know only "system".
+    return "system" if role == "developer" else role

@@ -1,0 +1,63 @@
+"""Whether the server takes new work: model loaded, not draining, and what is still in flight.
+
+Readiness is derived from these facts rather than stored, so /ready can never disagree with what
+the handlers actually do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from server.errors import ServiceUnavailable
+
+__all__ = ["ServerState"]
+
+
+@dataclass
+class ServerState:
+    loaded: bool = False
+    draining: bool = False
+    in_flight: int = 0
+    started_at: float = field(default_factory=time.time)
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self._idle.set()
+
+    @property
+    def status(self) -> str:
+        if self.draining:
+            return "draining"
+        return "ready" if self.loaded else "loading"
+
+    def check_accepting(self) -> None:
+        """Raise a 503 unless a new generation may start now."""
+        if self.draining:
+            raise ServiceUnavailable(
+                "The server is shutting down and takes no new requests.",
+                code="server_shutting_down",
+                headers={"Retry-After": "5"},
+            )
+        if not self.loaded:
+            raise ServiceUnavailable(
+                "The model is still loading.", code="model_loading", headers={"Retry-After": "5"}
+            )
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, seconds: float) -> bool:
+        """Wait until nothing is in flight; False if `seconds` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
