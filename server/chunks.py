@@ -52,7 +52,8 @@ class ResponseFormat(abc.ABC):
 
     def usage(self, completion: Completion) -> str:
         """The include_usage chunk: empty choices, usage filled in."""
-        return f'{self._head},"choices":[],"usage":{json.dumps(_usage(completion))}}}'
+        usage = json.dumps(_usage(completion), separators=(",", ":"))
+        return f'{self._head},"choices":[],"usage":{usage}}}'
 
     @abc.abstractmethod
     def _choice(self, text: str, completion: Completion) -> dict[str, Any]: ...

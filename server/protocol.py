@@ -82,6 +82,9 @@ class _GenerationRequest(_Request):
     user: Annotated[str, Field(max_length=256)] | None = None
     n: Annotated[int, Field(ge=1)] | None = Field(None, description="Only 1 is supported.")
     logit_bias: dict[str, float] | None = Field(None, description="Not supported; omit it.")
+    ignore_eos: bool = Field(
+        False, description="Keep generating past end-of-sequence tokens (for benchmarks)."
+    )
 
     @field_validator("stop")
     @classmethod

@@ -123,6 +123,7 @@ class GenerationService:
             repetition_penalty=body.repetition_penalty or 1.0,
             seed=body.seed,
             stop=body.stop_sequences(),
+            ignore_eos=body.ignore_eos,
         )
         return Prepared(
             GenerationRequest(request_id, tokens, params), fmt, body.stream, body.include_usage

@@ -290,7 +290,7 @@ class LlamaCppEngine(Engine):
     ) -> None:
         if seq.generated == 0:
             seq.first_token_ns = stamp
-        if model.is_end_of_generation(token):
+        if model.is_end_of_generation(token) and not seq.request.params.ignore_eos:
             self._finish(model, seq, "stop", out)
             return
         seq.generated += 1

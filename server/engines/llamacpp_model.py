@@ -76,16 +76,17 @@ class LlamaModel:
         ctx_params.n_ubatch = shape.batch_tokens
         ctx_params.n_threads = shape.threads
         ctx_params.n_threads_batch = shape.threads
-        # Separate per-sequence KV buffers: streams share no prefix, and a unified buffer would
-        # let one long stream take cells another stream was promised.
-        ctx_params.kv_unified = False
+        # One KV buffer for all sequences: batched decoding measured faster this way on CPU.
+        # No stream can take cells another was promised, because admission caps every
+        # sequence at context_per_sequence and the buffer holds parallel times that.
+        ctx_params.kv_unified = True
         ctx_params.no_perf = True
         self.ctx = lib.llama_init_from_model(self.model, ctx_params)
         if not self.ctx:
             lib.llama_model_free(self.model)
             raise EngineError("llama.cpp could not create a context (out of memory?)")
         self.memory = lib.llama_get_memory(self.ctx)
-        self.context_per_sequence = int(lib.llama_n_ctx_seq(self.ctx))
+        self.context_per_sequence = shape.context_per_sequence
         self.batch_capacity = shape.batch_tokens
         self.batch = lib.llama_batch_init(shape.batch_tokens, 0, 1)
         self._piece_buffer = ctypes.create_string_buffer(256)
