@@ -1,4 +1,4 @@
-"""A client that goes away stops its generation within a decode step; nothing computes for nobody."""
+"""A client that goes away stops its generation within a decode step."""
 
 from __future__ import annotations
 

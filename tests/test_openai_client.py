@@ -17,9 +17,7 @@ MESSAGES = [{"role": "user", "content": "Name three colours."}]
 
 
 def client_for(server: TestServer) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(
-        base_url=str(server.make_url("/v1")), api_key="unused", max_retries=0
-    )
+    return openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="unused", max_retries=0)
 
 
 async def test_streams_a_chat_completion_with_usage(llama_server: TestServer, model_id: str):

@@ -12,7 +12,9 @@ from server.protocol import ChatCompletionChunk, ErrorResponse
 from tests.conftest import ServerFactory, synthetic_engine
 
 
-async def post_raw(server: TestServer, body: dict[str, object]) -> tuple[aiohttp.ClientResponse, bytes]:
+async def post_raw(
+    server: TestServer, body: dict[str, object]
+) -> tuple[aiohttp.ClientResponse, bytes]:
     async with aiohttp.ClientSession() as session:
         async with session.post(server.make_url("/v1/chat/completions"), json=body) as response:
             return response, await response.read()
