@@ -136,23 +136,31 @@ def _param_path(loc: tuple[int | str, ...]) -> str | None:
 
 
 def from_validation_error(exc: ValidationError) -> InvalidRequest:
-    """The first problem pydantic found, with the offending field as `param`."""
-    first = exc.errors(include_url=False)[0]
-    loc = tuple(first["loc"])
+    """The most specific problem pydantic found, with the offending field as `param`."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
     if first["type"] == "json_invalid":
         return InvalidRequest(
             f"The request body is not valid JSON: {first['msg']}", code="invalid_json"
         )
-    if not loc:
+    if not first["loc"]:
         return InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    param = _param_path(loc)
-    if first["type"] == "missing":
-        message = f"Missing required parameter: '{param}'."
-    elif first["type"] == "unsupported":
-        message = f"'{param}': {first['msg']}."
+    # A value that matches no member of a union yields one error per member; the deepest one
+    # is the closest miss (a list whose part has a bad type beats "not a string").
+    deepest = max(errors, key=lambda e: len(e["loc"]))
+    param = _param_path(tuple(deepest["loc"]))
+    if len(deepest["loc"]) == len(first["loc"]):
+        siblings = [e for e in errors if _param_path(tuple(e["loc"])) == param]
+        detail = ", or ".join(dict.fromkeys(e["msg"] for e in siblings))
     else:
-        message = f"Invalid value for '{param}': {first['msg']}."
-    return InvalidRequest(message, param=param, code=_code_for(first["type"]))
+        detail = deepest["msg"]
+    if deepest["type"] == "missing":
+        message = f"Missing required parameter: '{param}'."
+    elif deepest["type"] == "unsupported":
+        message = f"{detail}."
+    else:
+        message = f"Invalid value for '{param}': {detail}."
+    return InvalidRequest(message, param=param, code=_code_for(deepest["type"]))
 
 
 def _code_for(error_type: str) -> str:
