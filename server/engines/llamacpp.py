@@ -10,6 +10,7 @@ event loop keeps serving while the worker computes.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import threading
 import time
@@ -253,7 +254,8 @@ class LlamaCppEngine(Engine):
             seq.slot = self._free_slots.pop()
             seq.sampler = model.new_sampler(seq.request.params)
             seq.started_ns = now_ns()
-            self._active.append(seq)
+            # Rows ordered by sequence id let llama.cpp split a batch into few micro-batches.
+            bisect.insort(self._active, seq, key=lambda s: s.slot)
 
     def _decode_step(self, model: LlamaModel, out: _Delivery) -> None:
         rows: list[tuple[int, int, int, bool]] = []
