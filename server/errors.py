@@ -130,7 +130,7 @@ def _param_path(loc: tuple[int | str, ...]) -> str | None:
             path = part
         # pydantic names the union member it tried ("str", "list[TextPart]"); clients know
         # only field names, so those steps are dropped.
-        elif not any(c in part for c in "[]()") and part not in ("str", "int", "float", "bool"):
+        elif not any(c in part for c in "[]()-") and part not in ("str", "int", "float", "bool"):
             path += f".{part}"
     return path or None
 

@@ -27,6 +27,8 @@ __all__ = [
 ]
 
 _MAX_STOP_SEQUENCES = 16
+# Stop strings are matched on every token; a bound keeps that cheap whatever a client sends.
+_MAX_STOP_LENGTH = 256
 
 
 def _unsupported(what: str) -> PydanticCustomError:
@@ -72,7 +74,14 @@ class _GenerationRequest(_Request):
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = Field(None, description="0 or -1 disables it.")
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    stop: str | Annotated[list[str], Field(max_length=_MAX_STOP_SEQUENCES)] | None = None
+    stop: (
+        Annotated[str, Field(max_length=_MAX_STOP_LENGTH)]
+        | Annotated[
+            list[Annotated[str, Field(max_length=_MAX_STOP_LENGTH)]],
+            Field(max_length=_MAX_STOP_SEQUENCES),
+        ]
+        | None
+    ) = None
     seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -30,9 +32,10 @@ from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.sse import EventStream
 
 log = logging.getLogger("llmserve.serving")
+_T = TypeVar("_T")
 
-# Prompts longer than this are tokenized on a worker thread so the event loop stays free.
-_INLINE_TOKENIZE_CHARS = 4096
+# Larger prompts are rendered and tokenized on a worker thread so the event loop stays free.
+_INLINE_PROMPT_CHARS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +59,17 @@ class GenerationService:
     async def prepare_chat(self, body: ChatCompletionRequest, request_id: str) -> Prepared:
         self._check_model(body.model)
         messages = [{"role": _template_role(m.role), "content": m.text()} for m in body.messages]
-        try:
-            text = self.engine.chat_template.render(messages)
-        except ChatTemplateError as exc:
-            raise InvalidRequest(str(exc), param="messages", code="invalid_messages") from None
-        tokens = await self._tokenize(text)
+        if len(messages) > self.engine.info.context_length:
+            # Every message renders to at least one token, so this cannot fit; saying so before
+            # rendering keeps a flood of tiny messages from costing any CPU.
+            raise InvalidRequest(
+                f"{len(messages)} messages cannot fit in a context of "
+                f"{self.engine.info.context_length} tokens.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        size = sum(len(m["content"]) for m in messages) + 64 * len(messages)
+        tokens = await self._off_loop_if(size, self._render_and_tokenize, messages)
         max_tokens = self._fit(len(tokens), body.requested_max_tokens(), "messages")
         fmt = ChatFormat(body.model, include_usage=body.include_usage)
         return self._prepared(body, request_id, tokens, max_tokens, fmt)
@@ -75,7 +84,8 @@ class GenerationService:
             except EngineError as exc:
                 raise InvalidRequest(str(exc), param="prompt", code="invalid_value") from None
         else:
-            tokens = await self._tokenize(prompt if isinstance(prompt, str) else str(prompt[0]))
+            text = prompt if isinstance(prompt, str) else str(prompt[0])
+            tokens = await self._off_loop_if(len(text), self._tokenize, text)
         max_tokens = self._fit(len(tokens), body.requested_max_tokens(), "prompt")
         fmt = CompletionFormat(body.model, include_usage=body.include_usage)
         return self._prepared(body, request_id, tokens, max_tokens, fmt)
@@ -89,10 +99,27 @@ class GenerationService:
                 code="model_not_found",
             )
 
-    async def _tokenize(self, text: str) -> list[int]:
-        if len(text) <= _INLINE_TOKENIZE_CHARS:
+    @staticmethod
+    async def _off_loop_if(size: int, work: Callable[[_T], list[int]], arg: _T) -> list[int]:
+        if size <= _INLINE_PROMPT_CHARS:
+            return work(arg)
+        return await asyncio.to_thread(work, arg)
+
+    def _render_and_tokenize(self, messages: list[dict[str, str]]) -> list[int]:
+        try:
+            text = self.engine.chat_template.render(messages)
+        except ChatTemplateError as exc:
+            raise InvalidRequest(str(exc), param="messages", code="invalid_messages") from None
+        return self._guarded_tokenize(text, "messages")
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self._guarded_tokenize(text, "prompt")
+
+    def _guarded_tokenize(self, text: str, param: str) -> list[int]:
+        try:
             return self.engine.tokenize(text, add_special=True)
-        return await asyncio.to_thread(self.engine.tokenize, text, add_special=True)
+        except RequestTooLarge as exc:
+            raise InvalidRequest(str(exc), param=param, code="context_length_exceeded") from None
 
     def _fit(self, prompt_tokens: int, max_tokens: int | None, prompt_param: str) -> int:
         if prompt_tokens == 0:

@@ -29,6 +29,7 @@ from server.engines.base import (
     GenerationRequest,
     GenerationStream,
     ModelInfo,
+    RequestTooLarge,
     TokenDelta,
     deliver_threadsafe,
     now_ns,
@@ -87,6 +88,7 @@ class LlamaCppEngine(Engine):
         self._info: ModelInfo | None = None
         self._add_bos = False
         self._bos_text = ""
+        self._control_texts: list[str] = []
         self._lock = threading.Condition()
         self._pending: deque[_Sequence] = deque()
         self._active: list[_Sequence] = []
@@ -130,6 +132,7 @@ class LlamaCppEngine(Engine):
         self._model = model
         self._add_bos = model.adds_bos
         self._bos_text = model.special_token_text("bos")
+        self._control_texts = model.control_token_texts()
         template_source = model.chat_template_source()
         if template_source is None:
             log.warning("%s has no chat template; using ChatML", self._path)
@@ -185,6 +188,15 @@ class LlamaCppEngine(Engine):
 
     def tokenize(self, text: str, *, add_special: bool) -> list[int]:
         model = self._require_model()
+        # llama.cpp's tokenizer is quadratic in the number of control tokens in the text; each
+        # becomes one token, so more than the context holds can be refused by counting.
+        specials = sum(text.count(s) for s in self._control_texts)
+        if specials > model.context_per_sequence:
+            raise RequestTooLarge(
+                f"The prompt holds {specials} special tokens, more than this model's context of "
+                f"{model.context_per_sequence} tokens per request.",
+                param="messages",
+            )
         add_bos = add_special and self._add_bos and not text.startswith(self._bos_text or "\0")
         return model.tokenize(text, add_special=add_bos)
 

@@ -159,6 +159,17 @@ class LlamaModel:
                 return list(tokens[:n])
             capacity = -n
 
+    def control_token_texts(self) -> list[str]:
+        """Texts that the tokenizer turns into control tokens (role markers, end of turn)."""
+        lib, vocab = self.lib, self.vocab
+        texts = []
+        for token in range(self.n_vocab):
+            if lib.llama_vocab_is_control(vocab, token):
+                raw = lib.llama_vocab_get_text(vocab, token)
+                if raw:
+                    texts.append(raw.decode("utf-8", "replace"))
+        return texts
+
     def piece(self, token: int) -> bytes:
         """The bytes a generated token stands for; control tokens render as nothing."""
         cached = self._pieces.get(token)
