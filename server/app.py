@@ -14,11 +14,14 @@ from server.middlewares import error_middleware
 from server.openapi import build_openapi
 from server.serving import GenerationService
 from server.state import ServerState
+from sidecar.client import EventSender
 
 __all__ = ["build_app"]
 
 
-def build_app(engine: Engine, config: Config) -> web.Application:
+def build_app(
+    engine: Engine, config: Config, *, events: EventSender | None = None
+) -> web.Application:
     settings = config.server
     app = web.Application(
         client_max_size=settings.max_body_bytes,
@@ -30,7 +33,9 @@ def build_app(engine: Engine, config: Config) -> web.Application:
         timeout_seconds=settings.queue_timeout_seconds,
     )
     app[STATE] = ServerState()
-    app[SERVICE] = GenerationService(engine, gate, ping_seconds=settings.sse_ping_seconds)
+    app[SERVICE] = GenerationService(
+        engine, gate, ping_seconds=settings.sse_ping_seconds, events=events
+    )
     app[OPENAPI] = build_openapi(__version__)
     app.add_routes(routes)
     return app

@@ -1,4 +1,4 @@
-"""The `llmserve` command: `serve` runs the server (more subcommands arrive with their features).
+"""The `llmserve` command: `serve` runs the server and its sidecar, `sidecar` the sidecar alone.
 
 Every configuration field is also a flag, named after its dotted path (`server.port` is
 `--server-port`), with short aliases for the ones people type most.
@@ -7,13 +7,13 @@ Every configuration field is also a flag, named after its dotted path (`server.p
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from server import __version__
 from server.config import ENV_PREFIX, ConfigError, field_names, flag, load_config
+from sidecar.jsonlog import configure_logging, logger
 
 __all__ = ["main"]
 
@@ -30,8 +30,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmserve", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"llmserve {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    serve = commands.add_parser("serve", help="run the HTTP server (the default command)")
+    serve = commands.add_parser(
+        "serve", help="run the HTTP server and its metrics sidecar (the default command)"
+    )
     _add_config_flags(serve)
+    sidecar = commands.add_parser(
+        "sidecar", help="run the metrics sidecar alone (for systemd or a separate host user)"
+    )
+    _add_config_flags(sidecar)
     return parser
 
 
@@ -51,29 +57,37 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    command = args.command or "serve"
-    if command == "serve":
-        return _serve(args)
-    raise AssertionError(command)
-
-
-def _serve(args: argparse.Namespace) -> int:
+    if args.command is None:
+        args = _parser().parse_args(["serve", *(argv if argv is not None else sys.argv[1:])])
     overrides = {
         dotted: value for dotted, value in vars(args).items() if "." in dotted and value is not None
     }
     try:
-        config = load_config(getattr(args, "config", None), overrides=overrides)
+        config = load_config(args.config, overrides=overrides)
     except ConfigError as exc:
         print(f"llmserve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    from server.runner import run
+    try:
+        if args.command == "sidecar":
+            from sidecar.runner import run as run_sidecar
 
-    return run(config)
+            return run_sidecar(config.sidecar, log_level=config.server.log_level)
+        configure_logging("llmserve", config.server.log_level)
+        from server.runner import run
+
+        return run(config, _sidecar_args(args.config, overrides))
+    finally:
+        # Log sinks write from a queue; let them finish before the process ends.
+        logger.remove()
+
+
+def _sidecar_args(config_path: str | None, overrides: dict[str, str]) -> list[str]:
+    """The child sidecar gets the same file and flags, so it sees the same settings."""
+    args = ["--config", config_path] if config_path else []
+    for dotted, value in overrides.items():
+        section, _, name = dotted.partition(".")
+        args += [flag(section, name), value]
+    return args
 
 
 if __name__ == "__main__":

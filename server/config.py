@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sidecar.settings import SidecarSettings
+
 __all__ = ["ENV_PREFIX", "Config", "ConfigError", "load_config"]
 
 ENV_PREFIX = "LLMSERVE_"
@@ -77,6 +79,7 @@ class Config(_Section):
     engine: EngineSection = EngineSection()
     llamacpp: LlamaCppSection = LlamaCppSection()
     synthetic: SyntheticSection = SyntheticSection()
+    sidecar: SidecarSettings = SidecarSettings()
 
 
 class ConfigError(Exception):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from server.app_keys import OPENAPI, SERVICE, STATE
-from server.errors import UnsupportedMediaType, from_validation_error
+from server.errors import APIError, UnsupportedMediaType, from_validation_error
 from server.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from server.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -50,20 +51,36 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def _generate(
     request: web.Request, model: type[ChatCompletionRequest] | type[CompletionRequest]
 ) -> web.StreamResponse:
+    received_ns = time.monotonic_ns()
     state = request.app[STATE]
     service = request.app[SERVICE]
-    state.check_accepting()
-    body = await _read_body(request, model)
     request_id = request[REQUEST_ID]
-    if isinstance(body, ChatCompletionRequest):
-        prepared = await service.prepare_chat(body, request_id)
-    else:
-        prepared = await service.prepare_completion(body, request_id)
+    endpoint = "chat" if model is ChatCompletionRequest else "completions"
+    telemetry = service.telemetry(request_id, endpoint, received_ns)
     state.enter()
     try:
-        return await service.respond(request, prepared, {REQUEST_ID_HEADER: request_id})
+        state.check_accepting()
+        body = await _read_body(request, model)
+        if isinstance(body, ChatCompletionRequest):
+            prepared = await service.prepare_chat(body, request_id)
+        else:
+            prepared = await service.prepare_completion(body, request_id)
+        return await service.respond(request, prepared, {REQUEST_ID_HEADER: request_id}, telemetry)
+    except APIError as exc:
+        telemetry.finished(
+            _status_class(exc.status), exc.status, error_type=exc.code, error=exc.message
+        )
+        raise
     finally:
         state.leave()
+
+
+def _status_class(http_status: int) -> str:
+    if http_status == 429:
+        return "rate_limited"
+    if http_status == 503:
+        return "overloaded"
+    return "invalid_request" if http_status < 500 else "error"
 
 
 @routes.get("/v1/models")

@@ -10,33 +10,80 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Sequence
 
 import uvloop
 from aiohttp import web
 
 from server.app import build_app
-from server.app_keys import STATE
+from server.app_keys import SERVICE, STATE
 from server.config import Config
 from server.engines import EngineError, create_engine
-from server.engines.base import ModelInfo
+from server.engines.base import Engine, ModelInfo
+from server.state_reporter import StateReporter
+from server.supervisor import SidecarSupervisor
+from sidecar.client import EventSender
 
 __all__ = ["run"]
 
 log = logging.getLogger("llmserve")
 
 
-def run(config: Config) -> int:
-    """Serve until a stop signal; the return value is the process exit code."""
-    return uvloop.run(_serve(config))
+def run(config: Config, sidecar_args: Sequence[str] = ()) -> int:
+    """Serve until a stop signal; the return value is the process exit code.
+
+    `sidecar_args` are the command-line settings handed to the sidecar child, if one is run.
+    """
+    return uvloop.run(_serve(config, sidecar_args))
 
 
-async def _serve(config: Config) -> int:
+async def _serve(config: Config, sidecar_args: Sequence[str]) -> int:
     try:
         engine = create_engine(config)
     except EngineError as exc:
         log.error("%s", exc)
         return 1
-    app = build_app(engine, config)
+    events = _event_sender(config)
+    supervisor = SidecarSupervisor(sidecar_args) if config.sidecar.spawn else None
+    if supervisor is not None:
+        supervisor.start()
+        log.info(
+            "sidecar: metrics, stats and status at http://%s:%d/",
+            config.sidecar.host,
+            config.sidecar.port,
+        )
+    try:
+        return await _serve_http(config, engine, events)
+    finally:
+        await _finish_events(events)
+        if supervisor is not None:
+            await supervisor.stop()
+
+
+def _event_sender(config: Config) -> EventSender | None:
+    if not config.sidecar.events:
+        log.info("per-request events are off (sidecar.events = false)")
+        return None
+    path = config.sidecar.resolved_socket_path()
+    log.info("sending per-request events to %s", path)
+    return EventSender(path, max_buffered=config.sidecar.buffer_events)
+
+
+async def _finish_events(events: EventSender | None) -> None:
+    """Give a sidecar that is restarting a moment to take the last events."""
+    if events is None:
+        return
+    for _ in range(20):
+        if events.flush_now():
+            break
+        await asyncio.sleep(0.1)
+    if events.buffered:
+        log.warning("%d events could not be delivered before exit", events.buffered)
+    events.close()
+
+
+async def _serve_http(config: Config, engine: Engine, events: EventSender | None) -> int:
+    app = build_app(engine, config, events=events)
     state = app[STATE]
     # Cancel a handler when its client disconnects: that is what stops a non-streaming
     # generation nobody will read.
@@ -74,6 +121,9 @@ async def _serve(config: Config) -> int:
     _log_loaded(info)
     state.loaded = True
     log.info("ready: http://%s:%s/v1 serves model %r", host, port, info.model_id)
+    reporter = StateReporter(events, engine, app[SERVICE].gate, state)
+    reporter.loaded(info)
+    reporter.start()
 
     await stop.wait()
     state.draining = True
@@ -88,6 +138,7 @@ async def _serve(config: Config) -> int:
     # the runner gives their handlers a moment to write it before closing connections.
     await engine.close()
     await runner.cleanup()
+    await reporter.stop(info)
     log.info("stopped")
     return 0
 

@@ -27,12 +27,16 @@ from server.engines.base import (
     RequestTooLarge,
     SamplingParams,
 )
-from server.errors import InternalError, InvalidRequest, NotFound, envelope
+from server.errors import InternalError, InvalidRequest, NotFound, ServiceUnavailable, envelope
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.sse import EventStream
+from server.telemetry import RequestTelemetry
+from sidecar.client import EventSender
 
 log = logging.getLogger("llmserve.serving")
 _T = TypeVar("_T")
+# Requests are attributed to this key name until API keys are configured.
+ANONYMOUS_KEY = "anonymous"
 
 # Larger prompts are rendered and tokenized on a worker thread so the event loop stays free.
 _INLINE_PROMPT_CHARS = 4096
@@ -49,10 +53,36 @@ class Prepared:
 
 
 class GenerationService:
-    def __init__(self, engine: Engine, gate: AdmissionGate, *, ping_seconds: float) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        gate: AdmissionGate,
+        *,
+        ping_seconds: float,
+        events: EventSender | None = None,
+    ) -> None:
         self.engine = engine
         self.gate = gate
         self.ping_seconds = ping_seconds
+        self.events = events
+
+    def telemetry(self, request_id: str, endpoint: str, received_ns: int) -> RequestTelemetry:
+        return RequestTelemetry(
+            self.events,
+            request_id=request_id,
+            key=ANONYMOUS_KEY,
+            model=self.model_label,
+            endpoint=endpoint,
+            received_ns=received_ns,
+        )
+
+    @property
+    def model_label(self) -> str:
+        """The served model's id, or "unknown" before it has loaded (bounded label values)."""
+        try:
+            return self.engine.info.model_id
+        except EngineError:
+            return "unknown"
 
     # preparation ------------------------------------------------------------------------------
 
@@ -159,24 +189,57 @@ class GenerationService:
     # running ----------------------------------------------------------------------------------
 
     async def respond(
-        self, request: web.Request, prepared: Prepared, headers: dict[str, str]
+        self,
+        request: web.Request,
+        prepared: Prepared,
+        headers: dict[str, str],
+        telemetry: RequestTelemetry,
     ) -> web.StreamResponse:
-        async with self.gate.slot():
-            if prepared.stream:
-                return await self._stream(request, prepared, headers)
-            return await self._collect(prepared, headers)
+        """Run the generation and answer; every way it can end is reported to `telemetry`."""
+        async with self.gate.slot() as queue_ns:
+            telemetry.started(
+                stream=prepared.stream,
+                prompt_tokens=len(prepared.generation.prompt_tokens),
+                queue_ns=queue_ns,
+            )
+            try:
+                if prepared.stream:
+                    return await self._stream(request, prepared, headers, telemetry)
+                return await self._collect(prepared, headers, telemetry)
+            except asyncio.CancelledError:
+                _report_disconnect(telemetry)
+                raise
 
-    async def _collect(self, prepared: Prepared, headers: dict[str, str]) -> web.Response:
+    async def _collect(
+        self, prepared: Prepared, headers: dict[str, str], telemetry: RequestTelemetry
+    ) -> web.Response:
+        parts = []
         async with self.engine.start(prepared.generation) as generation:
-            text = "".join([delta.text async for delta in generation])
+            async for delta in generation:
+                parts.append(delta.text)
+                telemetry.written(len(delta.token_ids))
         completion = _completed(generation.completion)
         if completion.finish_reason == "error":
             log.error("generation failed: %s", completion.error)
-            raise InternalError("The engine failed while generating this response.")
-        return web.json_response(prepared.format.full(text, completion), headers=headers)
+            error = InternalError("The engine failed while generating this response.")
+            _report_failure(telemetry, completion, error.status)
+            raise error
+        if completion.finish_reason == "cancelled":
+            error = ServiceUnavailable(
+                "The server stopped this generation (it is shutting down).",
+                code="generation_cancelled",
+            )
+            _report_failure(telemetry, completion, error.status)
+            raise error
+        telemetry.finished("ok", 200, completion=completion)
+        return web.json_response(prepared.format.full("".join(parts), completion), headers=headers)
 
     async def _stream(
-        self, request: web.Request, prepared: Prepared, headers: dict[str, str]
+        self,
+        request: web.Request,
+        prepared: Prepared,
+        headers: dict[str, str],
+        telemetry: RequestTelemetry,
     ) -> web.StreamResponse:
         fmt = prepared.format
         events = EventStream(request, ping_seconds=self.ping_seconds, headers=headers)
@@ -188,17 +251,20 @@ class GenerationService:
                 async for delta in generation:
                     if delta.text:
                         await events.send(fmt.delta(delta.text))
+                    telemetry.written(len(delta.token_ids))
             completion = _completed(generation.completion)
             if completion.finish_reason in ("stop", "length"):
                 await events.send(fmt.finish(completion.finish_reason))
                 if prepared.include_usage:
                     await events.send(fmt.usage(completion))
+                telemetry.finished("ok", 200, completion=completion)
             else:
                 await events.send(json.dumps(_in_stream_error(completion)))
+                _report_failure(telemetry, completion, 200)
             await events.send("[DONE]")
         except ConnectionError:
-            # The client went away mid-write; leaving the engine block already cancelled the work.
-            log.debug("client disconnected from stream %s", prepared.generation.request_id)
+            # The client went away mid-write; leaving the engine block cancelled the work.
+            _report_disconnect(telemetry)
         finally:
             await events.close()
         return events.response
@@ -208,6 +274,28 @@ def _completed(completion: Completion | None) -> Completion:
     if completion is None:
         raise InternalError("The engine ended a stream without a result.")
     return completion
+
+
+def _report_disconnect(telemetry: RequestTelemetry) -> None:
+    # 499 is nginx's "client closed request"; a stream had already answered 200.
+    telemetry.finished(
+        "cancelled", 200 if telemetry.stream else 499, cancel_reason="client_disconnect"
+    )
+
+
+def _report_failure(telemetry: RequestTelemetry, completion: Completion, http_status: int) -> None:
+    if completion.finish_reason == "cancelled":
+        telemetry.finished(
+            "cancelled", http_status, completion=completion, cancel_reason="shutdown"
+        )
+    else:
+        telemetry.finished(
+            "error",
+            http_status,
+            completion=completion,
+            error_type="engine_error",
+            error=completion.error,
+        )
 
 
 def _in_stream_error(completion: Completion) -> dict[str, object]:

@@ -209,6 +209,10 @@ class Engine(abc.ABC):
     def cancelled_total(self) -> int:
         """Sequences stopped by cancellation since load."""
 
+    def kv_usage(self) -> float:
+        """Share of the KV cache in use (0-1); engines without one report 0."""
+        return 0.0
+
     def check_fits(self, prompt_tokens: int, max_tokens: int | None, prompt_param: str) -> int:
         """Return the max_tokens to use, or raise RequestTooLarge naming the parameter."""
         context = self.info.context_length

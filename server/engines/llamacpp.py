@@ -124,6 +124,11 @@ class LlamaCppEngine(Engine):
     def cancelled_total(self) -> int:
         return self._cancelled_total
 
+    def kv_usage(self) -> float:
+        with self._lock:
+            used = sum(seq.prefilled + seq.generated for seq in self._active)
+        return used / (self._shape.parallel * self._shape.context_per_sequence)
+
     async def load(self) -> ModelInfo:
         started = time.monotonic()
         log.info("loading %s with llama.cpp", self._path)

@@ -1,0 +1,70 @@
+"""Tell the sidecar what the server is doing: model loads, and every second the running and
+waiting counts, KV cache use and readiness, which events about single requests cannot carry."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from server.admission import AdmissionGate
+from server.engines.base import Engine, ModelInfo
+from server.state import ServerState
+from sidecar.client import EventSender
+
+__all__ = ["StateReporter"]
+
+_INTERVAL_SECONDS = 1.0
+
+
+class StateReporter:
+    def __init__(
+        self, events: EventSender | None, engine: Engine, gate: AdmissionGate, state: ServerState
+    ) -> None:
+        self.events = events
+        self.engine = engine
+        self.gate = gate
+        self.state = state
+        self._task: asyncio.Task[None] | None = None
+
+    def loaded(self, info: ModelInfo, *, loaded: bool = True) -> None:
+        if self.events is None:
+            return
+        self.events.emit(
+            "load",
+            model=info.model_id,
+            engine=info.engine,
+            source=info.source,
+            load_s=info.load_seconds,
+            memory_bytes=int(info.details.get("size_bytes", 0)),
+            loaded=loaded,
+        )
+
+    def report(self) -> None:
+        if self.events is None:
+            return
+        self.events.emit(
+            "state",
+            model=self.engine.info.model_id,
+            running=self.gate.running,
+            waiting=self.gate.waiting,
+            kv_usage=self.engine.kv_usage(),
+            ready=self.state.status == "ready",
+            draining=self.state.draining,
+        )
+
+    def start(self) -> None:
+        if self.events is not None:
+            self._task = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        while True:
+            self.report()
+            await asyncio.sleep(_INTERVAL_SECONDS)
+
+    async def stop(self, info: ModelInfo) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.report()
+        self.loaded(info, loaded=False)

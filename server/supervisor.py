@@ -1,0 +1,72 @@
+"""Run the metrics sidecar as a child process and restart it, with backoff, whenever it dies.
+
+Events sent while it is away wait in the server's buffer (sidecar.client), so a crash or restart
+of the sidecar loses nothing within the buffer's bound and never touches a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Sequence
+
+__all__ = ["SidecarSupervisor"]
+
+log = logging.getLogger("llmserve.supervisor")
+
+_FIRST_BACKOFF = 0.5
+_MAX_BACKOFF = 30.0
+# A child that ran this long before dying was healthy: restart it quickly again.
+_HEALTHY_SECONDS = 60.0
+
+
+class SidecarSupervisor:
+    def __init__(self, args: Sequence[str]) -> None:
+        self.argv = [sys.executable, "-m", "server.cli", "sidecar", *args]
+        self.process: asyncio.subprocess.Process | None = None
+        self.starts = 0
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._supervise())
+
+    async def _supervise(self) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = _FIRST_BACKOFF
+        while not self._stopping:
+            started = loop.time()
+            try:
+                self.process = await asyncio.create_subprocess_exec(*self.argv)
+            except OSError as exc:
+                log.error("cannot start the sidecar: %s", exc)
+                code: int | None = None
+            else:
+                self.starts += 1
+                log.info("sidecar started (pid %d)", self.process.pid)
+                code = await self.process.wait()
+            if self._stopping:
+                return
+            if loop.time() - started > _HEALTHY_SECONDS:
+                backoff = _FIRST_BACKOFF
+            log.warning("sidecar exited (code %s); restarting in %.1f s", code, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    async def stop(self, grace_seconds: float = 5.0) -> None:
+        self._stopping = True
+        process = self.process
+        if process is not None and process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), grace_seconds)
+            except TimeoutError:
+                log.warning("sidecar did not stop within %g s; killing it", grace_seconds)
+                process.kill()
+                await process.wait()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

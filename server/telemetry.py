@@ -1,0 +1,150 @@
+"""Per-request events for the sidecar: start, first token, inter-token gaps, end.
+
+Everything here is a few attribute updates per token; gaps leave in batches (every 64 tokens or
+every second) so that a long generation shows up live without an event per token. With events
+turned off the same calls do nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from server.engines.base import Completion
+from sidecar.client import EventSender
+
+__all__ = ["RequestTelemetry"]
+
+_GAPS_PER_EVENT = 64
+_GAP_FLUSH_NS = 1_000_000_000
+
+
+class RequestTelemetry:
+    __slots__ = (
+        "_first_ns",
+        "_flushed_ns",
+        "_gaps",
+        "_last_ns",
+        "_sender",
+        "endpoint",
+        "key",
+        "model",
+        "prompt_tokens",
+        "queue_ns",
+        "received_ns",
+        "request_id",
+        "stream",
+        "tokens_written",
+    )
+
+    def __init__(
+        self,
+        sender: EventSender | None,
+        *,
+        request_id: str,
+        key: str,
+        model: str,
+        endpoint: str,
+        received_ns: int,
+    ) -> None:
+        self._sender = sender
+        self.request_id = request_id
+        self.key = key
+        self.model = model
+        self.endpoint = endpoint
+        self.received_ns = received_ns
+        self.stream = False
+        self.prompt_tokens = 0
+        self.queue_ns: int | None = None
+        self.tokens_written = 0
+        self._first_ns = 0
+        self._last_ns = 0
+        self._flushed_ns = 0
+        self._gaps: list[int] = []
+
+    def started(self, *, stream: bool, prompt_tokens: int, queue_ns: int) -> None:
+        self.stream = stream
+        self.prompt_tokens = prompt_tokens
+        self.queue_ns = queue_ns
+        if self._sender is not None:
+            self._sender.emit(
+                "start",
+                rid=self.request_id,
+                key=self.key,
+                model=self.model,
+                endpoint=self.endpoint,
+                stream=stream,
+                prompt_tokens=prompt_tokens,
+                queue_ns=queue_ns,
+            )
+
+    def written(self, tokens: int) -> None:
+        """`tokens` more tokens reached the client (or, not streaming, were generated)."""
+        now = time.monotonic_ns()
+        self.tokens_written += tokens
+        if self._sender is None:
+            return
+        if not self._first_ns:
+            self._first_ns = self._last_ns = self._flushed_ns = now
+            self._sender.emit("first", rid=self.request_id, ttft_ns=now - self.received_ns)
+            tokens -= 1
+        else:
+            self._gaps.append((now - self._last_ns) // 1000)
+            self._last_ns = now
+            tokens -= 1
+        # Tokens that arrived in the same write as another were 0 µs apart.
+        self._gaps.extend([0] * tokens)
+        if len(self._gaps) >= _GAPS_PER_EVENT or now - self._flushed_ns >= _GAP_FLUSH_NS:
+            self._flush_gaps(now)
+
+    def _flush_gaps(self, now: int) -> None:
+        if self._gaps and self._sender is not None:
+            self._sender.emit("gaps", rid=self.request_id, gaps_us=self._gaps)
+            self._gaps = []
+        self._flushed_ns = now
+
+    def finished(
+        self,
+        status: str,
+        http_status: int,
+        *,
+        completion: Completion | None = None,
+        error_type: str | None = None,
+        error: str | None = None,
+        cancel_reason: str | None = None,
+    ) -> None:
+        if self._sender is None:
+            return
+        now = time.monotonic_ns()
+        self._flush_gaps(now)
+        fields: dict[str, Any] = {
+            "rid": self.request_id,
+            "key": self.key,
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "stream": self.stream,
+            "status": status,
+            "http_status": http_status,
+            "finish_reason": None,
+            "error_type": error_type,
+            "error": error,
+            "cancel_reason": cancel_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.tokens_written,
+            "cached_tokens": 0,
+            "e2e_ns": now - self.received_ns,
+            "ttft_ns": self._first_ns - self.received_ns if self._first_ns else None,
+            "queue_ns": self.queue_ns,
+            "prefill_ns": None,
+            "decode_ns": None,
+            "gen_ns": self._last_ns - self._first_ns,
+        }
+        if completion is not None:
+            fields["finish_reason"] = completion.finish_reason
+            fields["prompt_tokens"] = completion.prompt_tokens
+            fields["cached_tokens"] = completion.cached_tokens
+            fields["prefill_ns"] = completion.prefill_ns
+            fields["decode_ns"] = completion.decode_ns
+            if status == "ok":
+                fields["completion_tokens"] = completion.completion_tokens
+        self._sender.emit("end", **fields)

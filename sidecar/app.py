@@ -1,0 +1,49 @@
+"""The sidecar's HTTP side: /metrics for Prometheus, /stats for people and scripts, /health."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from sidecar.recorder import Recorder
+
+__all__ = ["RECORDER", "build_sidecar_app"]
+
+RECORDER = web.AppKey("recorder", Recorder)
+STARTED = web.AppKey("started", float)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[RECORDER].metrics.registry
+    body = generate_latest(registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def stats(request: web.Request) -> web.Response:
+    recorder = request.app[RECORDER]
+    snapshot = recorder.stats.snapshot()
+    snapshot["sidecar"] = {
+        "uptime_seconds": round(time.monotonic() - request.app[STARTED], 3),
+        "events_received": recorder.received,
+        "events_lost": recorder.lost,
+        "events_malformed": recorder.malformed,
+        "requests_finished": recorder.finished_requests,
+        "servers": len(recorder.instances),
+    }
+    return web.json_response(snapshot)
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def build_sidecar_app(recorder: Recorder) -> web.Application:
+    app = web.Application()
+    app[RECORDER] = recorder
+    app[STARTED] = time.monotonic()
+    app.add_routes(
+        [web.get("/metrics", metrics), web.get("/stats", stats), web.get("/health", health)]
+    )
+    return app

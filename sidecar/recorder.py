@@ -1,0 +1,180 @@
+"""Apply decoded events to the metrics, the rolling stats and the request log.
+
+Sequence numbers are checked per server instance: a gap is counted as lost events, a repeat is
+ignored, so a restarted sidecar or a resent datagram never counts a request twice. Per-key series
+are bounded: the first `max_keys` names get their own, later ones share `other`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar.metrics import Metrics
+from sidecar.protocol import Datagram
+from sidecar.stats import RollingStats
+
+__all__ = ["KeyNames", "Recorder"]
+
+log = logging.getLogger("llmserve.sidecar")
+
+OTHER_KEY = "other"
+_ERROR_STATUSES = frozenset({"error", "overloaded", "invalid_request"})
+
+RequestLogger = Callable[[dict[str, Any]], None]
+
+
+class KeyNames:
+    """Maps key names to metric label values, at most `max_keys` distinct ones."""
+
+    def __init__(self, max_keys: int) -> None:
+        self.max_keys = max_keys
+        self._known: set[str] = set()
+
+    def label(self, name: str) -> str:
+        if name in self._known:
+            return name
+        if len(self._known) < self.max_keys:
+            self._known.add(name)
+            return name
+        return OTHER_KEY
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+
+@dataclass(slots=True)
+class _Instance:
+    last_seq: int = 0
+    dropped: int = 0
+    # rid -> (model, key) for requests whose start was seen, so gaps can be attributed.
+    live: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+def _seconds(ns: int | None) -> float:
+    return (ns or 0) / 1e9
+
+
+class Recorder:
+    def __init__(
+        self,
+        metrics: Metrics,
+        stats: RollingStats,
+        request_logger: RequestLogger,
+        *,
+        max_keys: int,
+    ) -> None:
+        self.metrics = metrics
+        self.stats = stats
+        self.request_logger = request_logger
+        self.keys = KeyNames(max_keys)
+        self.instances: dict[str, _Instance] = {}
+        self.finished_requests = 0
+        self.received = 0
+        self.lost = 0
+        self.malformed = 0
+
+    def count_malformed(self) -> None:
+        self.malformed += 1
+        self.metrics.events_malformed.inc()
+
+    def handle(self, datagram: Datagram) -> None:
+        instance = self.instances.setdefault(datagram.instance, _Instance())
+        if datagram.dropped > instance.dropped:
+            self.metrics.server_overflow.inc(datagram.dropped - instance.dropped)
+            instance.dropped = datagram.dropped
+        newest_ts = 0.0
+        for event in datagram.events:
+            seq = event["seq"]
+            if seq <= instance.last_seq:
+                continue
+            if seq > instance.last_seq + 1:
+                self.lost += seq - instance.last_seq - 1
+                self.metrics.events_lost.inc(seq - instance.last_seq - 1)
+            instance.last_seq = seq
+            self.received += 1
+            self.metrics.events_received.inc()
+            newest_ts = max(newest_ts, float(event.get("ts", 0.0)))
+            try:
+                self._apply(instance, event)
+            except (KeyError, TypeError, ValueError) as exc:
+                self.count_malformed()
+                log.warning("malformed %s event: %s", event.get("kind"), exc)
+        if newest_ts:
+            self.metrics.processing_lag.set(max(0.0, time.time() - newest_ts))
+        self.metrics.keys_tracked.set(len(self.keys))
+
+    def _apply(self, instance: _Instance, event: dict[str, Any]) -> None:
+        kind = event["kind"]
+        if kind == "start":
+            instance.live[event["rid"]] = (event["model"], event["key"])
+        elif kind == "first":
+            model, key = instance.live.get(event["rid"], ("unknown", "unknown"))
+            ttft = _seconds(event["ttft_ns"])
+            self.metrics.ttft.labels(model).observe(ttft)
+            self.stats.first_token(model, key, ttft)
+        elif kind == "gaps":
+            model, key = instance.live.get(event["rid"], ("unknown", "unknown"))
+            gaps = [us / 1e6 for us in event["gaps_us"]]
+            histogram = self.metrics.inter_token.labels(model)
+            for gap in gaps:
+                histogram.observe(gap)
+            self.stats.gaps(model, key, gaps)
+        elif kind == "end":
+            instance.live.pop(event["rid"], None)
+            self._finished(event)
+        elif kind == "state":
+            model = event["model"]
+            self.metrics.running.labels(model).set(event["running"])
+            self.metrics.waiting.labels(model).set(event["waiting"])
+            self.metrics.kv_cache_usage.labels(model).set(event["kv_usage"])
+        elif kind == "load":
+            model = event["model"]
+            self.metrics.model_loaded.labels(model, event["engine"]).set(
+                1 if event["loaded"] else 0
+            )
+            self.metrics.model_load_duration.labels(model).set(event["load_s"])
+            self.metrics.model_memory.labels(model).set(event["memory_bytes"])
+        elif kind == "ratelimit" and not event["allowed"]:
+            self.metrics.key_rate_limited.labels(
+                self.keys.label(event["key"]), event["limit"]
+            ).inc()
+
+    def _finished(self, event: dict[str, Any]) -> None:
+        m = self.metrics
+        model, status, key = event["model"], event["status"], event["key"]
+        key_label = self.keys.label(key)
+        prompt, completion = int(event["prompt_tokens"]), int(event["completion_tokens"])
+        self.finished_requests += 1
+
+        m.requests.labels(model, event["endpoint"], status).inc()
+        m.key_requests.labels(key_label, status).inc()
+        m.request_duration.labels(model).observe(_seconds(event["e2e_ns"]))
+        if event.get("queue_ns") is not None:
+            m.queue_time.labels(model).observe(_seconds(event["queue_ns"]))
+        if status in ("ok", "cancelled"):
+            m.prompt_tokens.labels(model).inc(prompt)
+            m.generation_tokens.labels(model).inc(completion)
+            m.cached_tokens.labels(model).inc(int(event.get("cached_tokens") or 0))
+            m.key_prompt_tokens.labels(key_label).inc(prompt)
+            m.key_generation_tokens.labels(key_label).inc(completion)
+        if status == "ok":
+            m.prefill_time.labels(model).observe(_seconds(event["prefill_ns"]))
+            m.prompt_tokens_hist.labels(model).observe(prompt)
+            m.completion_tokens_hist.labels(model).observe(completion)
+            generation = _seconds(event["gen_ns"])
+            if completion > 1 and generation > 0:
+                m.time_per_output_token.labels(model).observe(generation / (completion - 1))
+                m.generation_rate.labels(model).observe((completion - 1) / generation)
+        elif status == "cancelled":
+            m.cancelled.labels(event["cancel_reason"] or "unknown").inc()
+            m.cancelled_tokens.inc(completion)
+        elif status in _ERROR_STATUSES:
+            error_type = event["error_type"] or status
+            m.errors.labels(error_type).inc()
+            m.key_errors.labels(key_label, error_type).inc()
+        self.stats.finished(model, key, status, prompt, completion)
+        self.request_logger(event)

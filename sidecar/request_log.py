@@ -1,0 +1,75 @@
+"""One JSON line per finished request: to stdout (journald), an optional file, and Loki.
+
+The line carries identifiers, counts and timings only. Prompt and completion text never reach
+the sidecar, and API keys appear only as their names.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from sidecar.jsonlog import logger
+from sidecar.loki import LokiPusher
+
+__all__ = ["RequestLog", "request_fields"]
+
+
+def _s(ns: int | None) -> float | None:
+    return None if ns is None else round(ns / 1e9, 6)
+
+
+def request_fields(event: dict[str, Any]) -> dict[str, Any]:
+    """The log fields for an `end` event (beside ts, level, msg and service)."""
+    completion = int(event["completion_tokens"])
+    generation = event.get("gen_ns") or 0
+    tpot = generation / (completion - 1) / 1e9 if completion > 1 and generation else None
+    return {
+        "request_id": event["rid"],
+        "key": event["key"],
+        "model": event["model"],
+        "endpoint": event["endpoint"],
+        "stream": event["stream"],
+        "status": event["status"],
+        "http_status": event["http_status"],
+        "finish_reason": event.get("finish_reason"),
+        "cancel_reason": event.get("cancel_reason"),
+        "prompt_tokens": int(event["prompt_tokens"]),
+        "completion_tokens": completion,
+        "cached_tokens": int(event.get("cached_tokens") or 0),
+        "ttft_s": _s(event.get("ttft_ns")),
+        "e2e_s": _s(event["e2e_ns"]),
+        "queue_s": _s(event.get("queue_ns")),
+        "tpot_s": None if tpot is None else round(tpot, 6),
+        "tokens_per_s": None if tpot is None else round(1 / tpot, 3),
+        "error_type": event.get("error_type"),
+        "error": event.get("error"),
+    }
+
+
+def _level(status: str) -> str:
+    return {"error": "error", "overloaded": "warning", "invalid_request": "warning"}.get(
+        status, "info"
+    )
+
+
+class RequestLog:
+    def __init__(self, service: str, loki: LokiPusher | None = None) -> None:
+        self.service = service
+        self.loki = loki
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        fields = request_fields(event)
+        level = _level(fields["status"])
+        logger.bind(**fields).log(level.upper(), "request finished")
+        if self.loki is not None:
+            line = {
+                "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "level": level,
+                "msg": "request finished",
+                "service": self.service,
+                **fields,
+            }
+            metadata = {"request_id": fields["request_id"], "key": fields["key"]}
+            self.loki.push(json.dumps(line), level, metadata)

@@ -1,0 +1,100 @@
+"""Run the sidecar: bind the event socket, serve /metrics, /stats and /health, log requests.
+
+`llmserve serve` starts this as its child; `llmserve sidecar` runs it alone (under systemd, or
+beside a server started with sidecar.spawn = false).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import uvloop
+from aiohttp import web
+
+from sidecar.app import build_sidecar_app
+from sidecar.gpu import register_gpu_metrics
+from sidecar.ingest import open_event_socket
+from sidecar.jsonlog import configure_logging
+from sidecar.loki import LokiPusher
+from sidecar.metrics import Metrics
+from sidecar.recorder import Recorder
+from sidecar.request_log import RequestLog
+from sidecar.settings import SidecarSettings
+from sidecar.stats import RollingStats
+
+__all__ = ["run"]
+
+log = logging.getLogger("llmserve.sidecar")
+
+SERVICE = "llmserve"
+# After a stop signal, datagrams already in the socket are still read before exit.
+_DRAIN_SECONDS = 0.2
+
+
+def run(settings: SidecarSettings, *, log_level: str = "info") -> int:
+    configure_logging(
+        f"{SERVICE}-sidecar",
+        log_level,
+        stream=sys.stdout,
+        file=settings.log_file,
+        rotation=settings.log_file_rotation,
+        retention=settings.log_file_retention,
+    )
+    return uvloop.run(_serve(settings))
+
+
+async def _serve(settings: SidecarSettings) -> int:
+    metrics = Metrics()
+    register_gpu_metrics(metrics.registry)
+    loki = None
+    if settings.loki_url:
+        loki = LokiPusher(
+            settings.loki_url,
+            metrics,
+            service=SERVICE,
+            env=settings.loki_env,
+            max_buffered=settings.loki_buffer_lines,
+        )
+        loki.start()
+    recorder = Recorder(
+        metrics, RollingStats(), RequestLog(SERVICE, loki), max_keys=settings.max_keys
+    )
+    socket_path = settings.resolved_socket_path()
+    try:
+        transport = await open_event_socket(socket_path, recorder)
+    except OSError as exc:
+        log.error("cannot bind the event socket %s: %s", socket_path, exc)
+        return 1
+    runner = web.AppRunner(build_sidecar_app(recorder), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.host, settings.port).start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc)
+        transport.close()
+        await runner.cleanup()
+        return 1
+    host, port = runner.addresses[0][:2]
+    log.info(
+        "sidecar listening on http://%s:%s (/metrics, /stats, /health); events on %s%s",
+        host,
+        port,
+        socket_path,
+        f"; pushing logs to {settings.loki_url}" if loki else "",
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await asyncio.sleep(_DRAIN_SECONDS)
+    transport.close()
+    if loki is not None:
+        await loki.stop()
+    await runner.cleanup()
+    log.info("sidecar stopped after %d finished requests", recorder.finished_requests)
+    return 0

@@ -1,0 +1,55 @@
+"""The sidecar's settings: the `[sidecar]` section of llmserve's configuration.
+
+Both processes read it (the server to find the event socket and to start the sidecar, the
+sidecar to run), so it lives with the sidecar, next to the wire format.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["SidecarSettings", "default_socket_path"]
+
+
+def default_socket_path() -> str:
+    """$XDG_RUNTIME_DIR/llmserve, else /run/llmserve if writable, else a per-user temp dir."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return str(Path(runtime) / "llmserve" / "events.sock")
+    run = Path("/run/llmserve")
+    if run.is_dir() and os.access(run, os.W_OK):
+        return str(run / "events.sock")
+    return str(Path(tempfile.gettempdir()) / f"llmserve-{os.getuid()}" / "events.sock")
+
+
+class SidecarSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    spawn: bool = Field(True, description="`llmserve serve` runs the sidecar as a child process.")
+    events: bool = Field(True, description="The server sends per-request events at all.")
+    socket_path: str | None = Field(
+        None, description="Unix datagram socket for events (default: see docs)."
+    )
+    host: str = Field("127.0.0.1", description="Address of /metrics, /stats and /health.")
+    port: int = Field(8001, ge=0, le=65535, description="Port of /metrics, /stats and /health.")
+    buffer_events: int = Field(
+        1_000_000, ge=1000, description="Events the server keeps while the sidecar is away."
+    )
+    max_keys: int = Field(
+        10_000, ge=1, description="API key names with their own series; the rest are `other`."
+    )
+    log_file: str | None = Field(None, description="Also write request logs to this file.")
+    log_file_rotation: str = Field("100 MB", description="Rotate the log file at this size.")
+    log_file_retention: int = Field(5, ge=1, description="Rotated log files kept.")
+    loki_url: str | None = Field(None, description="Push request logs to this Loki (base URL).")
+    loki_env: str = Field("dev", description="The `env` label on lines pushed to Loki.")
+    loki_buffer_lines: int = Field(
+        10_000, ge=100, description="Lines kept while Loki is unreachable; older ones drop."
+    )
+
+    def resolved_socket_path(self) -> str:
+        return self.socket_path or default_socket_path()

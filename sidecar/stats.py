@@ -1,0 +1,149 @@
+"""Rolling one- and five-minute summaries per model and per key, for GET /stats.
+
+Prometheus answers these questions with PromQL; /stats answers them without Prometheus. Time is
+cut into 10-second slots and a slot holds counters and sparse histogram counts (same bucket edges
+as /metrics), so memory follows activity and quantiles are estimated the way histogram_quantile
+does.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar.metrics import ITL_BUCKETS, TTFT_BUCKETS
+
+__all__ = ["RollingStats"]
+
+SLOT_SECONDS = 10
+WINDOWS = {"1m": 60, "5m": 300}
+
+
+@dataclass(slots=True)
+class _Slot:
+    requests: int = 0
+    errors: int = 0
+    rate_limited: int = 0
+    cancelled: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    generated: int = 0
+    ttft: dict[int, int] = field(default_factory=dict)
+    itl: dict[int, int] = field(default_factory=dict)
+
+    def merge(self, other: _Slot) -> None:
+        self.requests += other.requests
+        self.errors += other.errors
+        self.rate_limited += other.rate_limited
+        self.cancelled += other.cancelled
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.generated += other.generated
+        for mine, theirs in ((self.ttft, other.ttft), (self.itl, other.itl)):
+            for bucket, count in theirs.items():
+                mine[bucket] = mine.get(bucket, 0) + count
+
+
+def _observe(histogram: dict[int, int], edges: tuple[float, ...], value: float) -> None:
+    bucket = bisect.bisect_left(edges, value)
+    histogram[bucket] = histogram.get(bucket, 0) + 1
+
+
+def quantile(histogram: dict[int, int], edges: tuple[float, ...], q: float) -> float | None:
+    """Linear interpolation inside the bucket that holds the q-th observation."""
+    total = sum(histogram.values())
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for bucket in sorted(histogram):
+        count = histogram[bucket]
+        if seen + count >= rank:
+            lower = edges[bucket - 1] if bucket > 0 else 0.0
+            if bucket >= len(edges):
+                return lower
+            return lower + (edges[bucket] - lower) * (rank - seen) / count
+        seen += count
+    return edges[-1]
+
+
+class RollingStats:
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        self._clock = clock
+        # (scope, name) -> deque of (slot index, slot); scope is "model" or "key".
+        self._series: dict[tuple[str, str], deque[tuple[int, _Slot]]] = defaultdict(deque)
+
+    def _slot(self, scope: str, name: str) -> _Slot:
+        index = int(self._clock() // SLOT_SECONDS)
+        series = self._series[(scope, name)]
+        if not series or series[-1][0] != index:
+            series.append((index, _Slot()))
+            while series and series[0][0] <= index - WINDOWS["5m"] // SLOT_SECONDS:
+                series.popleft()
+        return series[-1][1]
+
+    def _slots(self, model: str, key: str) -> tuple[_Slot, _Slot]:
+        return self._slot("model", model), self._slot("key", key)
+
+    def finished(self, model: str, key: str, status: str, prompt: int, completion: int) -> None:
+        for slot in self._slots(model, key):
+            slot.requests += 1
+            slot.prompt_tokens += prompt
+            slot.completion_tokens += completion
+            if status in ("error", "overloaded", "invalid_request"):
+                slot.errors += 1
+            elif status == "rate_limited":
+                slot.rate_limited += 1
+            elif status == "cancelled":
+                slot.cancelled += 1
+
+    def first_token(self, model: str, key: str, seconds: float) -> None:
+        for slot in self._slots(model, key):
+            slot.generated += 1
+            _observe(slot.ttft, TTFT_BUCKETS, seconds)
+
+    def gaps(self, model: str, key: str, gaps_seconds: list[float]) -> None:
+        for slot in self._slots(model, key):
+            slot.generated += len(gaps_seconds)
+            for gap in gaps_seconds:
+                _observe(slot.itl, ITL_BUCKETS, gap)
+
+    def snapshot(self) -> dict[str, Any]:
+        now = int(self._clock() // SLOT_SECONDS)
+        out: dict[str, Any] = {"models": {}, "keys": {}}
+        for (scope, name), series in list(self._series.items()):
+            entry = {}
+            for window, seconds in WINDOWS.items():
+                total = _Slot()
+                for index, slot in series:
+                    if index > now - seconds // SLOT_SECONDS:
+                        total.merge(slot)
+                entry[window] = _summary(total, seconds)
+            if entry["5m"]["requests"] or entry["5m"]["tokens_per_second"]:
+                out["models" if scope == "model" else "keys"][name] = entry
+            elif series and series[-1][0] <= now - WINDOWS["5m"] // SLOT_SECONDS:
+                del self._series[(scope, name)]
+        return out
+
+
+def _summary(slot: _Slot, seconds: int) -> dict[str, Any]:
+    def rounded(value: float | None) -> float | None:
+        return None if value is None else round(value, 6)
+
+    return {
+        "requests": slot.requests,
+        "errors": slot.errors,
+        "rate_limited": slot.rate_limited,
+        "cancelled": slot.cancelled,
+        "prompt_tokens": slot.prompt_tokens,
+        "completion_tokens": slot.completion_tokens,
+        # Counted as tokens reach clients, so long streams show up before they finish.
+        "tokens_per_second": round(slot.generated / seconds, 3),
+        "ttft_p50_seconds": rounded(quantile(slot.ttft, TTFT_BUCKETS, 0.5)),
+        "ttft_p95_seconds": rounded(quantile(slot.ttft, TTFT_BUCKETS, 0.95)),
+        "inter_token_p50_seconds": rounded(quantile(slot.itl, ITL_BUCKETS, 0.5)),
+        "inter_token_p95_seconds": rounded(quantile(slot.itl, ITL_BUCKETS, 0.95)),
+    }
