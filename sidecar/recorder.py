@@ -22,6 +22,7 @@ __all__ = ["KeyNames", "Recorder"]
 log = logging.getLogger("llmserve.sidecar")
 
 OTHER_KEY = "other"
+_MAX_LIVE = 100_000
 _ERROR_STATUSES = frozenset({"error", "overloaded", "invalid_request"})
 
 RequestLogger = Callable[[dict[str, Any]], None]
@@ -82,18 +83,29 @@ class Recorder:
         self.metrics.events_malformed.inc()
 
     def handle(self, datagram: Datagram) -> None:
-        instance = self.instances.setdefault(datagram.instance, _Instance())
-        if datagram.dropped > instance.dropped:
-            self.metrics.server_overflow.inc(datagram.dropped - instance.dropped)
+        instance = self.instances.get(datagram.instance)
+        if instance is None:
+            # What a server sent before this sidecar started went to an earlier one (or nowhere
+            # when it had none): count from the first event seen, not from 1.
+            first = datagram.events[0]["seq"] if datagram.events else 1
+            instance = self.instances[datagram.instance] = _Instance(last_seq=first - 1)
+        # Events the server dropped from a full buffer leave a gap too; count them once, as
+        # overflow, and only the rest of the gap as lost on the way.
+        overflow = max(0, datagram.dropped - instance.dropped)
+        if overflow:
+            self.metrics.server_overflow.inc(overflow)
             instance.dropped = datagram.dropped
         newest_ts = 0.0
         for event in datagram.events:
             seq = event["seq"]
             if seq <= instance.last_seq:
                 continue
-            if seq > instance.last_seq + 1:
-                self.lost += seq - instance.last_seq - 1
-                self.metrics.events_lost.inc(seq - instance.last_seq - 1)
+            gap = seq - instance.last_seq - 1
+            if gap:
+                unexplained = max(0, gap - overflow)
+                overflow = max(0, overflow - gap)
+                self.lost += unexplained
+                self.metrics.events_lost.inc(unexplained)
             instance.last_seq = seq
             self.received += 1
             self.metrics.events_received.inc()
@@ -110,6 +122,9 @@ class Recorder:
     def _apply(self, instance: _Instance, event: dict[str, Any]) -> None:
         kind = event["kind"]
         if kind == "start":
+            if len(instance.live) >= _MAX_LIVE:
+                # Only lost `end` events leave entries behind; do not let them pile up.
+                instance.live.clear()
             instance.live[event["rid"]] = (event["model"], event["key"])
         elif kind == "first":
             model, key = instance.live.get(event["rid"], ("unknown", "unknown"))

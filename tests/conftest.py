@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import build_app
 from server.app_keys import STATE
 from server.config import Config, load_config
 from server.engines import create_engine
 from server.engines.base import Engine
+from sidecar.app import build_sidecar_app
+from sidecar.client import EventSender
+from sidecar.ingest import open_event_socket
+from sidecar.metrics import Metrics
+from sidecar.recorder import Recorder
+from sidecar.stats import RollingStats
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 
@@ -39,8 +51,10 @@ async def serve(
 ) -> AsyncIterator[ServerFactory]:
     """serve(engine, **config_overrides) -> a running TestServer with that engine loaded."""
 
-    async def start(engine: Engine, **overrides: str) -> TestServer:
-        app: web.Application = build_app(engine, make_config(**overrides))
+    async def start(
+        engine: Engine, *, events: EventSender | None = None, **overrides: str
+    ) -> TestServer:
+        app: web.Application = build_app(engine, make_config(**overrides), events=events)
         app[STATE].loaded = True
         return await aiohttp_server(app)
 
@@ -60,3 +74,58 @@ def synthetic_engine(**settings: str) -> Engine:
 @pytest.fixture
 def model_id(llama_engine: Engine) -> str:
     return llama_engine.info.model_id
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[str]:
+    """A temp dir with a short path: Unix socket paths must fit in 108 bytes."""
+    path = tempfile.mkdtemp(prefix="llms-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class SidecarStack:
+    """The sidecar's parts running in the test's event loop, on a private socket."""
+
+    recorder: Recorder
+    http: TestServer
+    socket_path: str
+    finished: list[dict[str, Any]] = field(default_factory=list)
+
+    def sender(self, max_buffered: int = 100_000) -> EventSender:
+        return EventSender(self.socket_path, max_buffered=max_buffered)
+
+    async def wait_finished(self, count: int, seconds: float = 10.0) -> None:
+        deadline = asyncio.get_running_loop().time() + seconds
+        while len(self.finished) < count:
+            assert asyncio.get_running_loop().time() < deadline, (
+                f"sidecar saw {len(self.finished)} of {count} requests finish"
+            )
+            await asyncio.sleep(0.01)
+
+    async def metrics_text(self) -> str:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(self.http.make_url("/metrics")) as response:
+                return await response.text()
+
+    async def samples(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = await self.metrics_text()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+
+@pytest.fixture
+async def sidecar_stack(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], short_tmp: str
+) -> AsyncIterator[SidecarStack]:
+    finished: list[dict[str, Any]] = []
+    recorder = Recorder(Metrics(), RollingStats(), finished.append, max_keys=100)
+    path = f"{short_tmp}/events.sock"
+    transport = await open_event_socket(path, recorder)
+    http = await aiohttp_server(build_sidecar_app(recorder))
+    yield SidecarStack(recorder, http, path, finished)
+    transport.close()

@@ -1,0 +1,175 @@
+"""Known timings in, known metrics out: the synthetic engine streams at a fixed pace and the
+sidecar's histograms, counters and per-key series must say exactly that."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from server.app_keys import SERVICE, STATE
+from server.state_reporter import StateReporter
+from tests.conftest import ServerFactory, SidecarStack, synthetic_engine
+
+MODEL = "synthetic"
+TOKENS = 10
+FIRST_TOKEN = 0.1
+INTERVAL = 0.02
+
+
+async def stream_once(server: TestServer, **extra: object) -> tuple[float, float, int]:
+    """Stream one chat completion; the client's own TTFT, tokens/s and token count."""
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        **extra,
+    }
+    stamps: list[float] = []
+    start = time.perf_counter()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(server.make_url("/v1/chat/completions"), json=body) as r:
+            assert r.status == 200
+            async for line in r.content:
+                if b'"delta":{"content":"' in line and b'"content":""' not in line:
+                    stamps.append(time.perf_counter())
+    rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return stamps[0] - start, rate, len(stamps)
+
+
+async def paced_server(serve: ServerFactory, stack: SidecarStack) -> TestServer:
+    engine = synthetic_engine(
+        first_token_seconds=str(FIRST_TOKEN),
+        token_interval_seconds=str(INTERVAL),
+        completion_tokens=str(TOKENS),
+    )
+    return await serve(engine, events=stack.sender(), **{"engine.kind": "synthetic"})
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_known_timings_become_known_metrics(serve: ServerFactory, sidecar_stack):
+    server = await paced_server(serve, sidecar_stack)
+    requests = 5
+    await asyncio.gather(*(stream_once(server) for _ in range(requests)))
+    await sidecar_stack.wait_finished(requests)
+    s = await sidecar_stack.samples()
+    m = {"model": MODEL}
+
+    assert value(s, "llm_time_to_first_token_seconds_count", **m) == requests
+    # TTFT is 100 ms plus serving overhead: above the 0.1 edge, below 0.25.
+    assert value(s, "llm_time_to_first_token_seconds_bucket", le="0.1", **m) == 0
+    assert value(s, "llm_time_to_first_token_seconds_bucket", le="0.25", **m) == requests
+
+    gaps = requests * (TOKENS - 1)
+    assert value(s, "llm_inter_token_latency_seconds_count", **m) == gaps
+    assert value(s, "llm_inter_token_latency_seconds_bucket", le="0.01", **m) == 0
+    assert value(s, "llm_inter_token_latency_seconds_bucket", le="0.075", **m) == gaps
+    mean_gap = value(s, "llm_inter_token_latency_seconds_sum", **m) / gaps
+    assert INTERVAL <= mean_gap < INTERVAL * 1.5
+
+    ok = {"model": MODEL, "endpoint": "chat", "status": "ok"}
+    assert value(s, "llm_requests_total", **ok) == requests
+    assert value(s, "llm_generation_tokens_total", **m) == requests * TOKENS
+    assert value(s, "llm_request_completion_tokens_count", **m) == requests
+    assert value(s, "llm_request_completion_tokens_sum", **m) == requests * TOKENS
+    # 50 tokens/s per stream: above the 30 tokens/s edge, and below 75 even with some jitter.
+    assert value(s, "llm_request_generation_tokens_per_second_bucket", le="30.0", **m) == 0
+    assert value(s, "llm_request_generation_tokens_per_second_bucket", le="75.0", **m) == requests
+    assert value(s, "llm_key_requests_total", key="anonymous", status="ok") == requests
+    assert value(s, "llm_key_generation_tokens_total", key="anonymous") == requests * TOKENS
+    assert value(s, "llm_sidecar_events_lost_total") == 0
+    assert value(s, "llm_sidecar_events_malformed_total") == 0
+
+
+async def test_client_and_sidecar_agree(serve: ServerFactory, sidecar_stack):
+    server = await paced_server(serve, sidecar_stack)
+    measured = [await stream_once(server) for _ in range(3)]
+    await sidecar_stack.wait_finished(3)
+    for (ttft, rate, tokens), event in zip(measured, sidecar_stack.finished, strict=True):
+        # The server stamps before the network and the client after it: within 30 ms on loopback.
+        assert abs(ttft - event["ttft_ns"] / 1e9) < 0.03
+        server_rate = (event["completion_tokens"] - 1) / (event["gen_ns"] / 1e9)
+        assert abs(rate - server_rate) / server_rate < 0.1
+        assert tokens == event["completion_tokens"] == TOKENS
+
+
+async def test_errors_and_cancellations_are_counted(serve: ServerFactory, sidecar_stack):
+    server = await paced_server(serve, sidecar_stack)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            server.make_url("/v1/chat/completions"), json={"model": "other", "messages": []}
+        ) as r:
+            assert r.status == 400
+        response = await session.post(
+            server.make_url("/v1/chat/completions"),
+            json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True},
+        )
+        await response.content.readuntil(b'"content":"lorem')
+        response.close()
+    await sidecar_stack.wait_finished(2)
+    s = await sidecar_stack.samples()
+    invalid = {"model": MODEL, "endpoint": "chat", "status": "invalid_request"}
+    assert value(s, "llm_requests_total", **invalid) == 1
+    assert value(s, "llm_errors_total", type="invalid_value") == 1
+    assert value(s, "llm_requests_cancelled_total", reason="client_disconnect") == 1
+    cancelled = next(e for e in sidecar_stack.finished if e["status"] == "cancelled")
+    assert cancelled["completion_tokens"] >= 1
+
+
+async def test_state_and_load_gauges(serve: ServerFactory, sidecar_stack):
+    server = await paced_server(serve, sidecar_stack)
+    app = server.app
+    reporter = StateReporter(
+        app[SERVICE].events, app[SERVICE].engine, app[SERVICE].gate, app[STATE]
+    )
+    reporter.loaded(app[SERVICE].engine.info)
+    task = asyncio.create_task(stream_once(server))
+    await asyncio.sleep(FIRST_TOKEN + 3 * INTERVAL)
+    reporter.report()
+    await asyncio.sleep(0.05)
+    s = await sidecar_stack.samples()
+    assert value(s, "llm_requests_running", model=MODEL) == 1
+    assert value(s, "llm_model_loaded", model=MODEL, engine="synthetic") == 1
+    await task
+
+
+async def test_metrics_parse_and_pass_promtool(serve: ServerFactory, sidecar_stack):
+    server = await paced_server(serve, sidecar_stack)
+    await stream_once(server)
+    await sidecar_stack.wait_finished(1)
+    text = await sidecar_stack.metrics_text()
+    promtool = await asyncio.create_subprocess_exec(
+        "promtool",
+        "check",
+        "metrics",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(promtool.communicate(text.encode()), 30)
+    assert promtool.returncode == 0, output.decode()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_stats_reports_the_last_minutes(serve: ServerFactory, sidecar_stack, stream: bool):
+    server = await paced_server(serve, sidecar_stack)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            async with session.post(server.make_url("/v1/chat/completions"), json=body) as r:
+                await r.read()
+        await sidecar_stack.wait_finished(2)
+        async with session.get(sidecar_stack.http.make_url("/stats")) as r:
+            stats = await r.json()
+    minute = stats["models"][MODEL]["1m"]
+    assert minute["requests"] == 2
+    assert minute["completion_tokens"] == 2 * TOKENS
+    assert FIRST_TOKEN <= minute["ttft_p50_seconds"] <= 0.25
+    assert stats["keys"]["anonymous"]["5m"]["requests"] == 2
+    assert stats["sidecar"]["events_lost"] == 0
