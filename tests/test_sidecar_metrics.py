@@ -71,7 +71,8 @@ async def test_known_timings_become_known_metrics(serve: ServerFactory, sidecar_
     assert value(s, "llm_inter_token_latency_seconds_bucket", le="0.01", **m) == 0
     assert value(s, "llm_inter_token_latency_seconds_bucket", le="0.075", **m) == gaps
     mean_gap = value(s, "llm_inter_token_latency_seconds_sum", **m) / gaps
-    assert INTERVAL <= mean_gap < INTERVAL * 1.5
+    # The engine keeps an absolute schedule, so a late token makes the next gap shorter.
+    assert INTERVAL * 0.95 <= mean_gap < INTERVAL * 1.5
 
     ok = {"model": MODEL, "endpoint": "chat", "status": "ok"}
     assert value(s, "llm_requests_total", **ok) == requests
