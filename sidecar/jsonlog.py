@@ -87,7 +87,8 @@ def configure_logging(
             format=_file_format,
             rotation=rotation,
             retention=retention,
-            enqueue=True,
+            # Written in place, line by line, so a killed process loses no line it logged.
+            enqueue=False,
             catch=True,
             filter=lambda record: _attach_json(record, service),
         )

@@ -1,0 +1,131 @@
+"""Pushing request logs to Loki: the documented push format, retries, and a bounded buffer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from sidecar.loki import LokiPusher
+from sidecar.metrics import Metrics
+from sidecar.request_log import RequestLog
+from tests.test_sidecar_events import end_event
+
+Receiver = Callable[..., Awaitable[TestServer]]
+
+
+class FakeLoki:
+    """Records pushes; answers with the queued statuses first, then 204 as Loki does."""
+
+    def __init__(self, statuses: list[int] | None = None) -> None:
+        self.statuses = list(statuses or [])
+        self.pushes: list[dict[str, Any]] = []
+        self.attempts = 0
+
+    async def push(self, request: web.Request) -> web.Response:
+        self.attempts += 1
+        assert request.path == "/loki/api/v1/push"
+        assert request.headers["Content-Type"] == "application/json"
+        assert request.headers["Content-Encoding"] == "gzip"
+        # aiohttp undoes Content-Encoding: gzip itself, as Loki's Go server does.
+        body = json.loads(await request.read())
+        if self.statuses:
+            return web.Response(status=self.statuses.pop(0))
+        self.pushes.append(body)
+        return web.Response(status=204)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/loki/api/v1/push", self.push)
+        return app
+
+    @property
+    def lines(self) -> list[list[Any]]:
+        return [v for push in self.pushes for stream in push["streams"] for v in stream["values"]]
+
+
+def pusher(url: str, **kw: Any) -> LokiPusher:
+    return LokiPusher(
+        url, Metrics(), env="test", interval_seconds=0.05, max_backoff_seconds=0.2, **kw
+    )
+
+
+async def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    assert condition()
+
+
+async def test_push_matches_lokis_documented_format(aiohttp_server: Receiver):
+    loki = FakeLoki()
+    server = await aiohttp_server(loki.app())
+    push = pusher(str(server.make_url("/")))
+    push.start()
+    log = RequestLog("llmserve", push)
+    log(end_event(1, "req-ok"))
+    log(end_event(2, "req-bad", key="globex", status="error"))
+    await wait_for(lambda: len(loki.lines) == 2)
+    await push.stop()
+
+    (body,) = loki.pushes
+    assert set(body) == {"streams"}
+    by_level = {s["stream"]["level"]: s for s in body["streams"]}
+    assert set(by_level) == {"info", "error"}
+    for level, stream in by_level.items():
+        assert stream["stream"] == {"service_name": "llmserve", "env": "test", "level": level}
+        for ts, line, metadata in stream["values"]:
+            assert isinstance(ts, str) and ts.isdigit() and len(ts) == 19
+            assert set(metadata) == {"request_id", "key"}
+            assert all(isinstance(v, str) for v in metadata.values())
+            fields = json.loads(line)
+            assert fields["request_id"] == metadata["request_id"]
+            assert fields["key"] == metadata["key"]
+            assert fields["level"] == level and fields["msg"] == "request finished"
+    error_line = json.loads(by_level["error"]["values"][0][1])
+    assert error_line["status"] == "error" and error_line["key"] == "globex"
+
+
+async def test_retries_5xx_and_429_then_delivers_once(aiohttp_server: Receiver):
+    loki = FakeLoki([500, 429, 503])
+    server = await aiohttp_server(loki.app())
+    push = pusher(str(server.make_url("/")))
+    push.start()
+    push.push('{"msg": "one"}', "info", {"request_id": "1", "key": "k"})
+    await wait_for(lambda: len(loki.lines) == 1)
+    await push.stop()
+    assert loki.attempts == 4
+    assert [line for _, line, _ in loki.lines] == ['{"msg": "one"}']
+    retries = push.metrics.registry.get_sample_value
+    assert retries("llm_sidecar_loki_pushes_total", {"result": "retry"}) == 3
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_refused_connection_is_retried_and_the_buffer_is_bounded(
+    aiohttp_server: Receiver,
+):
+    port = free_port()
+    push = pusher(f"http://127.0.0.1:{port}", max_buffered=100, batch_lines=1000)
+    push.start()
+    for i in range(150):
+        push.push(json.dumps({"n": i}), "info", {"request_id": str(i), "key": "k"})
+    await asyncio.sleep(0.3)
+    assert push.dropped == 50
+    assert push.metrics.registry.get_sample_value("llm_sidecar_loki_lines_dropped_total") == 50
+
+    loki = FakeLoki()
+    await aiohttp_server(loki.app(), port=port)
+    await wait_for(lambda: len(loki.lines) == 100)
+    await push.stop()
+    assert [json.loads(line)["n"] for _, line, _ in loki.lines] == list(range(50, 150))

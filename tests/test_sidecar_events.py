@@ -1,0 +1,134 @@
+"""The event socket: ordered delivery after an outage, counted overflow and loss, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from sidecar.client import EventSender
+from sidecar.ingest import open_event_socket
+from sidecar.metrics import Metrics
+from sidecar.protocol import decode_datagram, encode_datagram, pack_event
+from sidecar.recorder import KeyNames, Recorder
+from sidecar.stats import RollingStats, quantile
+from tests.conftest import SidecarStack
+
+
+def end_event(seq: int, rid: str, key: str = "acme", status: str = "ok") -> dict[str, object]:
+    return {
+        "seq": seq, "kind": "end", "ts": 0.0, "rid": rid, "key": key, "model": "m",
+        "endpoint": "chat", "stream": True, "status": status, "http_status": 200,
+        "finish_reason": "stop", "error_type": None, "error": None, "cancel_reason": None,
+        "prompt_tokens": 3, "completion_tokens": 4, "cached_tokens": 0, "e2e_ns": 10**8,
+        "ttft_ns": 10**7, "queue_ns": 0, "prefill_ns": 10**6, "decode_ns": 10**7,
+        "gen_ns": 3 * 10**7,
+    }  # fmt: skip
+
+
+def end_fields(rid: str) -> dict[str, object]:
+    """What the server passes to emit(): the event without the fields emit() adds."""
+    return {k: v for k, v in end_event(0, rid).items() if k not in ("seq", "kind", "ts")}
+
+
+def recorder(max_keys: int = 100) -> tuple[Recorder, list[dict[str, object]]]:
+    finished: list[dict[str, object]] = []
+    return Recorder(Metrics(), RollingStats(), finished.append, max_keys=max_keys), finished
+
+
+def datagram(instance: str, dropped: int, events: list[dict[str, object]]) -> bytes:
+    return encode_datagram(instance, dropped, [pack_event(e) for e in events])
+
+
+async def send_raw(path: str, data: bytes) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(data, path)
+    await asyncio.sleep(0.05)
+
+
+async def test_events_wait_for_a_late_sidecar_and_arrive_in_order(short_tmp: str):
+    path = f"{short_tmp}/late.sock"
+    sender = EventSender(path, max_buffered=10_000)
+    for i in range(300):
+        sender.emit("end", **end_fields(f"r{i}"))
+    await asyncio.sleep(0.05)
+    assert sender.buffered == 300 and sender.sent == 0
+
+    rec, finished = recorder()
+    transport = await open_event_socket(path, rec)
+    try:
+        for _ in range(100):
+            if len(finished) == 300:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        transport.close()
+        sender.close()
+    assert [e["rid"] for e in finished] == [f"r{i}" for i in range(300)]
+    assert rec.lost == 0 and sender.buffered == 0
+
+
+async def test_overflow_is_dropped_oldest_first_and_counted(short_tmp: str):
+    path = f"{short_tmp}/full.sock"
+    sender = EventSender(path, max_buffered=1000)
+    for i in range(1500):
+        sender.emit("end", **end_fields(f"r{i}"))
+    assert sender.dropped == 500
+
+    rec, finished = recorder()
+    transport = await open_event_socket(path, rec)
+    try:
+        for _ in range(100):
+            if len(finished) == 1000:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        transport.close()
+        sender.close()
+    assert finished[0]["rid"] == "r500" and finished[-1]["rid"] == "r1499"
+    assert rec.metrics.registry.get_sample_value("llm_sidecar_server_overflow_events_total") == 500
+    assert rec.lost == 0
+
+
+def test_gaps_are_lost_repeats_ignored_and_overflow_not_counted_twice():
+    rec, finished = recorder()
+    rec.handle(decode_datagram(datagram("a", 0, [end_event(1, "x"), end_event(2, "y")])))
+    rec.handle(decode_datagram(datagram("a", 0, [end_event(2, "y"), end_event(5, "z")])))
+    assert [e["rid"] for e in finished] == ["x", "y", "z"]
+    assert rec.lost == 2
+    # The server dropped 3 events (seq 6-8) from its buffer: overflow, not lost on the way.
+    rec.handle(decode_datagram(datagram("a", 3, [end_event(9, "w")])))
+    assert rec.lost == 2
+    assert rec.metrics.registry.get_sample_value("llm_sidecar_server_overflow_events_total") == 3
+    # Another server instance numbers its own events.
+    rec.handle(decode_datagram(datagram("b", 0, [end_event(1, "v")])))
+    assert rec.lost == 2 and len(finished) == 5
+
+
+async def test_malformed_datagrams_are_counted_not_fatal(sidecar_stack: SidecarStack):
+    await send_raw(sidecar_stack.socket_path, b"\xc1 not msgpack")
+    await send_raw(sidecar_stack.socket_path, datagram("a", 0, [{"seq": 1, "kind": "bogus"}]))
+    await send_raw(sidecar_stack.socket_path, datagram("a", 0, [{"seq": 1, "kind": "end"}]))
+    await send_raw(sidecar_stack.socket_path, datagram("a", 0, [end_event(2, "ok")]))
+    assert sidecar_stack.recorder.malformed == 3
+    assert [e["rid"] for e in sidecar_stack.finished] == ["ok"]
+
+
+def test_key_series_are_bounded():
+    keys = KeyNames(max_keys=2)
+    assert [keys.label(k) for k in ("a", "b", "c", "a", "d")] == ["a", "b", "other", "a", "other"]
+    rec, _ = recorder(max_keys=1)
+    rec.handle(decode_datagram(datagram("a", 0, [end_event(1, "x", key="first")])))
+    rec.handle(decode_datagram(datagram("a", 0, [end_event(2, "y", key="second")])))
+    value = rec.metrics.registry.get_sample_value
+    assert value("llm_key_requests_total", {"key": "first", "status": "ok"}) == 1
+    assert value("llm_key_requests_total", {"key": "other", "status": "ok"}) == 1
+
+
+def test_quantiles_interpolate_like_histogram_quantile():
+    edges = (0.1, 0.2, 0.4)
+    assert quantile({}, edges, 0.5) is None
+    # 10 observations in (0.1, 0.2]: the median is halfway through that bucket.
+    assert quantile({1: 10}, edges, 0.5) == pytest.approx(0.15)
+    assert quantile({0: 5, 3: 5}, edges, 0.95) == 0.4
