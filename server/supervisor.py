@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
+
+from sidecar.runner import PARENT_PID_ENV
 
 __all__ = ["SidecarSupervisor"]
 
@@ -39,7 +42,9 @@ class SidecarSupervisor:
         while not self._stopping:
             started = loop.time()
             try:
-                self.process = await asyncio.create_subprocess_exec(*self.argv)
+                self.process = await asyncio.create_subprocess_exec(
+                    *self.argv, env={**os.environ, PARENT_PID_ENV: str(os.getpid())}
+                )
             except OSError as exc:
                 log.error("cannot start the sidecar: %s", exc)
                 code: int | None = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -30,8 +31,19 @@ __all__ = ["run"]
 log = logging.getLogger("llmserve.sidecar")
 
 SERVICE = "llmserve"
+# Set by `llmserve serve` for the sidecar it starts (not a setting, so not LLMSERVE_-prefixed).
+PARENT_PID_ENV = "_LLMSERVE_PARENT_PID"
 # After a stop signal, datagrams already in the socket are still read before exit.
 _DRAIN_SECONDS = 0.2
+
+
+async def _exit_with_parent(parent_pid: int, stop: asyncio.Event) -> None:
+    """A child of `llmserve serve` stops when the server is gone, even after a kill -9."""
+    # Nothing signals a parent's death to a child, so look once a second.
+    while os.getppid() == parent_pid:  # noqa: ASYNC110
+        await asyncio.sleep(1.0)
+    log.warning("the server (pid %d) is gone; stopping", parent_pid)
+    stop.set()
 
 
 def run(settings: SidecarSettings, *, log_level: str = "info") -> int:
@@ -90,7 +102,11 @@ async def _serve(settings: SidecarSettings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    parent = os.environ.get(PARENT_PID_ENV)
+    watchdog = loop.create_task(_exit_with_parent(int(parent), stop)) if parent else None
     await stop.wait()
+    if watchdog is not None:
+        watchdog.cancel()
     await asyncio.sleep(_DRAIN_SECONDS)
     transport.close()
     if loki is not None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -129,3 +132,59 @@ async def sidecar_stack(
     http = await aiohttp_server(build_sidecar_app(recorder))
     yield SidecarStack(recorder, http, path, finished)
     transport.close()
+
+
+LLMSERVE = [sys.executable, "-m", "server.cli"]
+
+
+class Process:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.log: list[str] = []
+
+    async def wait_for_line(
+        self, pattern: str, seconds: float = 60, occurrence: int = 1
+    ) -> re.Match[str]:
+        """The `occurrence`-th log line matching `pattern`, waiting for it if need be."""
+
+        async def scan() -> re.Match[str]:
+            found = 0
+            index = 0
+            while True:
+                while index < len(self.log):
+                    if match := re.search(pattern, self.log[index]):
+                        found += 1
+                        if found == occurrence:
+                            return match
+                    index += 1
+                assert self.proc.stderr is not None
+                raw = await self.proc.stderr.readline()
+                if not raw:
+                    raise AssertionError(f"exited before logging {pattern!r}:\n{''.join(self.log)}")
+                self.log.append(raw.decode())
+
+        return await asyncio.wait_for(scan(), seconds)
+
+    async def finish(self, seconds: float = 30) -> int:
+        assert self.proc.stderr is not None
+        rest = await asyncio.wait_for(self.proc.stderr.read(), seconds)
+        self.log.append(rest.decode())
+        return await self.proc.wait()
+
+
+async def start(*args: str) -> Process:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVE_")}
+    proc = await asyncio.create_subprocess_exec(
+        *LLMSERVE, *args, stderr=asyncio.subprocess.PIPE, env=env
+    )
+    return Process(proc)
+
+
+@pytest.fixture
+async def processes() -> AsyncIterator[list[Process]]:
+    started: list[Process] = []
+    yield started
+    for p in started:
+        if p.proc.returncode is None:
+            p.proc.kill()
+            await p.proc.wait()

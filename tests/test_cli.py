@@ -2,66 +2,28 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import re
 import signal
-import sys
-from collections.abc import AsyncIterator
 
 import aiohttp
-import pytest
 
-LLMSERVE = [sys.executable, "-m", "server.cli"]
-
-
-class Process:
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.log: list[str] = []
-
-    async def wait_for_line(self, pattern: str, seconds: float = 60) -> re.Match[str]:
-        async def scan() -> re.Match[str]:
-            for line in self.log:
-                if match := re.search(pattern, line):
-                    return match
-            assert self.proc.stderr is not None
-            while raw := await self.proc.stderr.readline():
-                line = raw.decode()
-                self.log.append(line)
-                if match := re.search(pattern, line):
-                    return match
-            raise AssertionError(f"exited before logging {pattern!r}:\n{''.join(self.log)}")
-
-        return await asyncio.wait_for(scan(), seconds)
-
-    async def finish(self, seconds: float = 30) -> int:
-        assert self.proc.stderr is not None
-        rest = await asyncio.wait_for(self.proc.stderr.read(), seconds)
-        self.log.append(rest.decode())
-        return await self.proc.wait()
+from tests.conftest import Process, start
+from tests.test_loki import free_port
 
 
-async def start(*args: str) -> Process:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVE_")}
-    proc = await asyncio.create_subprocess_exec(
-        *LLMSERVE, *args, stderr=asyncio.subprocess.PIPE, env=env
+async def test_default_serve_loads_the_bundled_model_and_stops_cleanly(
+    processes: list[Process], short_tmp: str
+):
+    server = await start(
+        "serve",
+        "--port",
+        "0",
+        "--llamacpp-context-per-sequence",
+        "256",
+        "--sidecar-port",
+        str(free_port()),
+        "--sidecar-socket-path",
+        f"{short_tmp}/ev.sock",
     )
-    return Process(proc)
-
-
-@pytest.fixture
-async def processes() -> AsyncIterator[list[Process]]:
-    started: list[Process] = []
-    yield started
-    for p in started:
-        if p.proc.returncode is None:
-            p.proc.kill()
-            await p.proc.wait()
-
-
-async def test_default_serve_loads_the_bundled_model_and_stops_cleanly(processes: list[Process]):
-    server = await start("serve", "--port", "0", "--llamacpp-context-per-sequence", "256")
     processes.append(server)
     port = (await server.wait_for_line(r"listening on http://127\.0\.0\.1:(\d+)"))[1]
     loaded = await server.wait_for_line(r"loaded model .* from (\S+\.gguf) in ([\d.]+) s")
@@ -86,6 +48,10 @@ async def test_sigterm_drains_streams_in_flight(processes: list[Process]):
         "synthetic",
         "--synthetic-token-interval-seconds",
         "0.02",
+        "--sidecar-spawn",
+        "false",
+        "--sidecar-events",
+        "false",
         "--synthetic-completion-tokens",
         "60",
     )
@@ -120,7 +86,9 @@ async def test_bad_configuration_fails_at_startup_naming_the_field(processes: li
 
 
 async def test_missing_model_file_fails_at_startup(processes: list[Process]):
-    server = await start("serve", "--port", "0", "--model", "/nonexistent/model.gguf")
+    server = await start(
+        "serve", "--port", "0", "--model", "/nonexistent/model.gguf", "--sidecar-spawn", "false"
+    )
     processes.append(server)
     assert await server.finish() == 1
     assert "GGUF model file not found: /nonexistent/model.gguf" in "".join(server.log)
