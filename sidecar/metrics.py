@@ -302,7 +302,7 @@ class Metrics:
         )
         self.events_lost = Counter(
             "llm_sidecar_events_lost",
-            "Events missing from a server's sequence (never received, or dropped by it).",
+            "Events missing from a server's sequence that it did not report dropping.",
             registry=reg,
         )
         self.server_overflow = Counter(

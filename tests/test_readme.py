@@ -29,3 +29,12 @@ def test_ci_runs_the_readme_test_command():
     assert "scripts/test     # installs what it needs" in README
     ci = (ROOT / ".ci" / "run").read_text()
     assert "exec scripts/test" in ci
+
+
+def test_every_exported_metric_is_documented():
+    from sidecar.metrics import Metrics
+
+    documented = (ROOT / "docs" / "metrics.md").read_text()
+    for family in Metrics().registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        assert f"`{name}" in documented, f"{name} is not in docs/metrics.md"
