@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from server import __version__
 from server.config import ENV_PREFIX, ConfigError, field_names, flag, load_config
-from sidecar.jsonlog import configure_logging, logger
+from sidecar.jsonlog import close_logging, configure_logging
 
 __all__ = ["main"]
 
@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(config, _sidecar_args(args.config, overrides))
     finally:
         # Log sinks write from a queue; let them finish before the process ends.
-        logger.remove()
+        close_logging()
 
 
 def _sidecar_args(config_path: str | None, overrides: dict[str, str]) -> list[str]:

@@ -92,8 +92,9 @@ class RequestTelemetry:
             self._gaps.append((now - self._last_ns) // 1000)
             self._last_ns = now
             tokens -= 1
-        # Tokens that arrived in the same write as another were 0 µs apart.
-        self._gaps.extend([0] * tokens)
+        if tokens:
+            # Tokens that arrived in the same write as another were 0 µs apart.
+            self._gaps.extend([0] * tokens)
         if len(self._gaps) >= _GAPS_PER_EVENT or now - self._flushed_ns >= _GAP_FLUSH_NS:
             self._flush_gaps(now)
 

@@ -1,7 +1,7 @@
 """The server's side of the event socket: numbered, batched, never blocking, never raising.
 
-`emit()` packs an event and queues it; everything emitted in one event-loop iteration goes out
-together on the next, in as few datagrams as fit. If the sidecar is down, restarting or slow
+`emit()` packs an event and queues it; everything emitted within 10 ms goes out together, in as
+few datagrams as fit. If the sidecar is down, restarting or slow
 (its socket is full), events wait in a bounded buffer and go out in order once it is back; when
 the buffer is full the oldest are dropped and counted, and the count rides along in every
 datagram so the sidecar knows.
@@ -25,6 +25,9 @@ __all__ = ["EventSender"]
 log = logging.getLogger("llmserve.events")
 
 _RETRY_SECONDS = 0.2
+# Events wait this long to share a datagram: at saturation one send carries dozens of events
+# instead of one per event-loop iteration, and metrics are still fresh to the hundredth second.
+_BATCH_SECONDS = 0.01
 
 
 class EventSender:
@@ -60,7 +63,7 @@ class EventSender:
             self._scheduled = True
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
-            self._loop.call_soon(self._flush)
+            self._loop.call_later(_BATCH_SECONDS, self._flush)
 
     def flush_now(self) -> bool:
         """Try to send everything buffered (at shutdown); True if nothing is left."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+from sidecar.bulk_histogram import BulkHistogram
+
 __all__ = ["ITL_BUCKETS", "LATENCY_BUCKETS", "RATE_BUCKETS", "TTFT_BUCKETS", "Metrics"]
 
 # `*_created` series double the exposition size and no rule or dashboard here uses them.
@@ -145,12 +147,13 @@ class Metrics:
             buckets=TTFT_BUCKETS,
             registry=reg,
         )
-        self.inter_token = Histogram(
+        self.inter_token = BulkHistogram(
             "llm_inter_token_latency_seconds",
             "Gap between consecutive tokens as written to the client; every gap is one sample.",
-            m,
-            buckets=ITL_BUCKETS,
-            registry=reg,
+            "model",
+            ITL_BUCKETS,
+            reg,
+            scale=1e-6,
         )
         self.time_per_output_token = Histogram(
             "llm_time_per_output_token_seconds",

@@ -133,11 +133,9 @@ class Recorder:
             self.stats.first_token(model, key, ttft)
         elif kind == "gaps":
             model, key = instance.live.get(event["rid"], ("unknown", "unknown"))
-            gaps = [us / 1e6 for us in event["gaps_us"]]
-            histogram = self.metrics.inter_token.labels(model)
-            for gap in gaps:
-                histogram.observe(gap)
-            self.stats.gaps(model, key, gaps)
+            gaps_us = event["gaps_us"]
+            counts = self.metrics.inter_token.observe_many(model, gaps_us)
+            self.stats.gaps(model, key, counts, len(gaps_us))
         elif kind == "end":
             instance.live.pop(event["rid"], None)
             self._finished(event)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,11 +105,13 @@ class RollingStats:
             slot.generated += 1
             _observe(slot.ttft, TTFT_BUCKETS, seconds)
 
-    def gaps(self, model: str, key: str, gaps_seconds: list[float]) -> None:
+    def gaps(self, model: str, key: str, bucket_counts: Counter[int], count: int) -> None:
+        """Inter-token gaps, already counted per ITL_BUCKETS bucket (see BulkHistogram)."""
         for slot in self._slots(model, key):
-            slot.generated += len(gaps_seconds)
-            for gap in gaps_seconds:
-                _observe(slot.itl, ITL_BUCKETS, gap)
+            slot.generated += count
+            itl = slot.itl
+            for bucket, n in bucket_counts.items():
+                itl[bucket] = itl.get(bucket, 0) + n
 
     def snapshot(self) -> dict[str, Any]:
         now = int(self._clock() // SLOT_SECONDS)
