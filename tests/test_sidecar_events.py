@@ -47,6 +47,23 @@ async def send_raw(path: str, data: bytes) -> None:
     await asyncio.sleep(0.05)
 
 
+async def start_sidecar_late(
+    sender: EventSender, path: str, expect: int
+) -> tuple[Recorder, list[dict[str, object]]]:
+    """Bind a sidecar at `path` after events were emitted; wait until `expect` requests end."""
+    rec, finished = recorder()
+    transport = await open_event_socket(path, rec)
+    try:
+        for _ in range(100):
+            if len(finished) == expect:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        transport.close()
+        sender.close()
+    return rec, finished
+
+
 async def test_events_wait_for_a_late_sidecar_and_arrive_in_order(short_tmp: str):
     path = f"{short_tmp}/late.sock"
     sender = EventSender(path, max_buffered=10_000)
@@ -55,16 +72,7 @@ async def test_events_wait_for_a_late_sidecar_and_arrive_in_order(short_tmp: str
     await asyncio.sleep(0.05)
     assert sender.buffered == 300 and sender.sent == 0
 
-    rec, finished = recorder()
-    transport = await open_event_socket(path, rec)
-    try:
-        for _ in range(100):
-            if len(finished) == 300:
-                break
-            await asyncio.sleep(0.02)
-    finally:
-        transport.close()
-        sender.close()
+    rec, finished = await start_sidecar_late(sender, path, 300)
     assert [e["rid"] for e in finished] == [f"r{i}" for i in range(300)]
     assert rec.lost == 0 and sender.buffered == 0
 
@@ -76,16 +84,7 @@ async def test_overflow_is_dropped_oldest_first_and_counted(short_tmp: str):
         sender.emit("end", **end_fields(f"r{i}"))
     assert sender.dropped == 500
 
-    rec, finished = recorder()
-    transport = await open_event_socket(path, rec)
-    try:
-        for _ in range(100):
-            if len(finished) == 1000:
-                break
-            await asyncio.sleep(0.02)
-    finally:
-        transport.close()
-        sender.close()
+    rec, finished = await start_sidecar_late(sender, path, 1000)
     assert finished[0]["rid"] == "r500" and finished[-1]["rid"] == "r1499"
     assert rec.metrics.registry.get_sample_value("llm_sidecar_server_overflow_events_total") == 500
     assert rec.lost == 0

@@ -140,6 +140,7 @@ class ThroughServer:
             "serve",
             "--port",
             "0",
+            stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             env=env,
         )
