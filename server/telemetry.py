@@ -7,6 +7,7 @@ turned off the same calls do nothing.
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
@@ -23,9 +24,8 @@ class RequestTelemetry:
     __slots__ = (
         "_first_ns",
         "_flushed_ns",
-        "_gaps",
-        "_last_ns",
         "_sender",
+        "_stamps",
         "endpoint",
         "key",
         "model",
@@ -58,9 +58,8 @@ class RequestTelemetry:
         self.queue_ns: int | None = None
         self.tokens_written = 0
         self._first_ns = 0
-        self._last_ns = 0
         self._flushed_ns = 0
-        self._gaps: list[int] = []
+        self._stamps: list[int] = []
 
     def started(self, *, stream: bool, prompt_tokens: int, queue_ns: int) -> None:
         self.stream = stream
@@ -80,28 +79,29 @@ class RequestTelemetry:
 
     def written(self, tokens: int) -> None:
         """`tokens` more tokens reached the client (or, not streaming, were generated)."""
-        now = time.monotonic_ns()
         self.tokens_written += tokens
         if self._sender is None:
             return
-        if not self._first_ns:
-            self._first_ns = self._last_ns = self._flushed_ns = now
+        now = time.monotonic_ns()
+        stamps = self._stamps
+        if not stamps:
+            self._first_ns = self._flushed_ns = now
             self._sender.emit("first", rid=self.request_id, ttft_ns=now - self.received_ns)
-            tokens -= 1
-        else:
-            self._gaps.append((now - self._last_ns) // 1000)
-            self._last_ns = now
-            tokens -= 1
-        if tokens:
-            # Tokens that arrived in the same write as another were 0 µs apart.
-            self._gaps.extend([0] * tokens)
-        if len(self._gaps) >= _GAPS_PER_EVENT or now - self._flushed_ns >= _GAP_FLUSH_NS:
+        # One stamp per token: tokens written together are 0 µs apart. Gaps are computed only
+        # when a batch leaves, which keeps the per-token cost to a clock read and an append.
+        stamps.append(now)
+        if tokens > 1:
+            stamps.extend([now] * (tokens - 1))
+        if len(stamps) > _GAPS_PER_EVENT or now - self._flushed_ns >= _GAP_FLUSH_NS:
             self._flush_gaps(now)
 
     def _flush_gaps(self, now: int) -> None:
-        if self._gaps and self._sender is not None:
-            self._sender.emit("gaps", rid=self.request_id, gaps_us=self._gaps)
-            self._gaps = []
+        stamps = self._stamps
+        if len(stamps) > 1 and self._sender is not None:
+            gaps = [(later - earlier) // 1000 for earlier, later in itertools.pairwise(stamps)]
+            self._sender.emit("gaps", rid=self.request_id, gaps_us=gaps)
+            # The last stamp stays as the start of the next gap.
+            del stamps[:-1]
         self._flushed_ns = now
 
     def finished(
@@ -138,7 +138,7 @@ class RequestTelemetry:
             "queue_ns": self.queue_ns,
             "prefill_ns": None,
             "decode_ns": None,
-            "gen_ns": self._last_ns - self._first_ns,
+            "gen_ns": self._stamps[-1] - self._first_ns if self._stamps else 0,
         }
         if completion is not None:
             fields["finish_reason"] = completion.finish_reason

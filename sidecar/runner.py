@@ -47,6 +47,10 @@ async def _exit_with_parent(parent_pid: int, stop: asyncio.Event) -> None:
 
 
 def run(settings: SidecarSettings, *, log_level: str = "info") -> int:
+    # Below the server's priority: on a saturated machine the request path keeps its CPU and
+    # the sidecar catches up from its socket buffer and the server's event buffer.
+    if settings.nice:
+        os.nice(settings.nice)
     configure_logging(
         f"{SERVICE}-sidecar",
         log_level,

@@ -34,6 +34,9 @@ class SidecarSettings(BaseModel):
     socket_path: str | None = Field(
         None, description="Unix datagram socket for events (default: see docs)."
     )
+    nice: int = Field(
+        10, ge=0, le=19, description="CPU priority the sidecar lowers itself to (0 = unchanged)."
+    )
     host: str = Field("127.0.0.1", description="Address of /metrics, /stats and /health.")
     port: int = Field(8001, ge=0, le=65535, description="Port of /metrics, /stats and /health.")
     buffer_events: int = Field(
