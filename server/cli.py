@@ -71,7 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sidecar":
             from sidecar.runner import run as run_sidecar
 
-            return run_sidecar(config.sidecar, log_level=config.server.log_level)
+            return run_sidecar(
+                config.sidecar, server_port=config.server.port, log_level=config.server.log_level
+            )
         configure_logging("llmserve", config.server.log_level)
         from server.runner import run
 

@@ -64,7 +64,7 @@ def _event_sender(config: Config) -> EventSender | None:
     if not config.sidecar.events:
         log.info("per-request events are off (sidecar.events = false)")
         return None
-    path = config.sidecar.resolved_socket_path()
+    path = config.sidecar.resolved_socket_path(config.server.port)
     log.info("sending per-request events to %s", path)
     return EventSender(path, max_buffered=config.sidecar.buffer_events)
 

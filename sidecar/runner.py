@@ -46,7 +46,8 @@ async def _exit_with_parent(parent_pid: int, stop: asyncio.Event) -> None:
     stop.set()
 
 
-def run(settings: SidecarSettings, *, log_level: str = "info") -> int:
+def run(settings: SidecarSettings, *, server_port: int, log_level: str = "info") -> int:
+    """`server_port` is the configured port of the server it serves (names the event socket)."""
     # Below the server's priority: on a saturated machine the request path keeps its CPU and
     # the sidecar catches up from its socket buffer and the server's event buffer.
     if settings.nice:
@@ -59,10 +60,10 @@ def run(settings: SidecarSettings, *, log_level: str = "info") -> int:
         rotation=settings.log_file_rotation,
         retention=settings.log_file_retention,
     )
-    return uvloop.run(_serve(settings))
+    return uvloop.run(_serve(settings, settings.resolved_socket_path(server_port)))
 
 
-async def _serve(settings: SidecarSettings) -> int:
+async def _serve(settings: SidecarSettings, socket_path: str) -> int:
     metrics = Metrics()
     register_gpu_metrics(metrics.registry)
     loki = None
@@ -78,7 +79,6 @@ async def _serve(settings: SidecarSettings) -> int:
     recorder = Recorder(
         metrics, RollingStats(), RequestLog(SERVICE, loki), max_keys=settings.max_keys
     )
-    socket_path = settings.resolved_socket_path()
     try:
         transport = await open_event_socket(socket_path, recorder)
     except OSError as exc:

@@ -15,15 +15,17 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = ["SidecarSettings", "default_socket_path"]
 
 
-def default_socket_path() -> str:
-    """$XDG_RUNTIME_DIR/llmserve, else /run/llmserve if writable, else a per-user temp dir."""
+def default_socket_path(server_port: int) -> str:
+    """`events-<server port>.sock` in $XDG_RUNTIME_DIR/llmserve, else /run/llmserve if writable,
+    else a per-user temp dir. The port keeps several servers on one host (one per GPU) apart."""
+    name = f"events-{server_port}.sock"
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
-        return str(Path(runtime) / "llmserve" / "events.sock")
+        return str(Path(runtime) / "llmserve" / name)
     run = Path("/run/llmserve")
     if run.is_dir() and os.access(run, os.W_OK):
-        return str(run / "events.sock")
-    return str(Path(tempfile.gettempdir()) / f"llmserve-{os.getuid()}" / "events.sock")
+        return str(run / name)
+    return str(Path(tempfile.gettempdir()) / f"llmserve-{os.getuid()}" / name)
 
 
 class SidecarSettings(BaseModel):
@@ -54,5 +56,5 @@ class SidecarSettings(BaseModel):
         10_000, ge=100, description="Lines kept while Loki is unreachable; older ones drop."
     )
 
-    def resolved_socket_path(self) -> str:
-        return self.socket_path or default_socket_path()
+    def resolved_socket_path(self, server_port: int) -> str:
+        return self.socket_path or default_socket_path(server_port)

@@ -67,3 +67,15 @@ def test_bad_values_name_the_field(
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("/nonexistent/llmserve.toml", environ={})
+
+
+def test_event_socket_defaults_per_server_port(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    from sidecar.settings import SidecarSettings, default_socket_path
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert default_socket_path(8000) == str(tmp_path / "llmserve" / "events-8000.sock")
+    assert default_socket_path(8000) != default_socket_path(8010)
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert default_socket_path(8000).endswith("/events-8000.sock")
+    explicit = SidecarSettings(socket_path="/run/x.sock")
+    assert explicit.resolved_socket_path(8000) == "/run/x.sock"
