@@ -1,6 +1,6 @@
 """The server's side of the event socket: numbered, batched, never blocking, never raising.
 
-`emit()` packs an event and queues it; everything emitted within 10 ms goes out together, in as
+`emit()` packs an event and queues it; everything emitted within 50 ms goes out together, in as
 few datagrams as fit. If the sidecar is down, restarting or slow
 (its socket is full), events wait in a bounded buffer and go out in order once it is back; when
 the buffer is full the oldest are dropped and counted, and the count rides along in every
@@ -25,9 +25,9 @@ __all__ = ["EventSender"]
 log = logging.getLogger("llmserve.events")
 
 _RETRY_SECONDS = 0.2
-# Events wait this long to share a datagram: at saturation one send carries dozens of events
-# instead of one per event-loop iteration, and metrics are still fresh to the hundredth second.
-_BATCH_SECONDS = 0.01
+# Events wait this long to share a datagram: at saturation one send (and one sidecar wake-up)
+# carries hundreds of events, and metrics are still fresh to the twentieth of a second.
+_BATCH_SECONDS = 0.05
 
 
 class EventSender:

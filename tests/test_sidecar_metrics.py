@@ -133,8 +133,12 @@ async def test_state_and_load_gauges(serve: ServerFactory, sidecar_stack):
     task = asyncio.create_task(stream_once(server))
     await asyncio.sleep(FIRST_TOKEN + 3 * INTERVAL)
     reporter.report()
-    await asyncio.sleep(0.05)
-    s = await sidecar_stack.samples()
+    # Events leave in batches up to 50 ms apart.
+    for _ in range(50):
+        s = await sidecar_stack.samples()
+        if value(s, "llm_requests_running", model=MODEL) == 1:
+            break
+        await asyncio.sleep(0.02)
     assert value(s, "llm_requests_running", model=MODEL) == 1
     assert value(s, "llm_model_loaded", model=MODEL, engine="synthetic") == 1
     await task
