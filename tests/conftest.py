@@ -188,3 +188,12 @@ async def processes() -> AsyncIterator[list[Process]]:
         if p.proc.returncode is None:
             p.proc.kill()
             await p.proc.wait()
+
+
+async def start_synthetic_server(processes: list[Process], *args: str) -> tuple[Process, str]:
+    """`llmserve serve` with the synthetic engine on a free port; returns it and its base URL."""
+    server = await start("serve", "--port", "0", "--engine", "synthetic", *args)
+    processes.append(server)
+    port = (await server.wait_for_line(r"listening on http://127\.0\.0\.1:(\d+)"))[1]
+    await server.wait_for_line("ready: ")
+    return server, f"http://127.0.0.1:{port}"

@@ -6,7 +6,7 @@ import signal
 
 import aiohttp
 
-from tests.conftest import Process, start
+from tests.conftest import Process, start, start_synthetic_server
 from tests.test_loki import free_port
 
 
@@ -40,25 +40,11 @@ async def test_default_serve_loads_the_bundled_model_and_stops_cleanly(
 
 
 async def test_sigterm_drains_streams_in_flight(processes: list[Process]):
-    server = await start(
-        "serve",
-        "--port",
-        "0",
-        "--engine",
-        "synthetic",
-        "--synthetic-token-interval-seconds",
-        "0.02",
-        "--sidecar-spawn",
-        "false",
-        "--sidecar-events",
-        "false",
-        "--synthetic-completion-tokens",
-        "60",
+    server, base = await start_synthetic_server(
+        processes,
+        *("--synthetic-token-interval-seconds", "0.02", "--synthetic-completion-tokens", "60"),
+        *("--sidecar-spawn", "false", "--sidecar-events", "false"),
     )
-    processes.append(server)
-    port = (await server.wait_for_line(r"listening on http://127\.0\.0\.1:(\d+)"))[1]
-    await server.wait_for_line("ready: ")
-    base = f"http://127.0.0.1:{port}"
     body = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{base}/v1/chat/completions", json=body) as stream:

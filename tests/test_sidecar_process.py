@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import Process, start
+from tests.conftest import Process, start, start_synthetic_server
 from tests.test_loki import free_port
 
 STREAMS = 40
@@ -47,33 +47,23 @@ def logged_request_ids(path: Path) -> list[str]:
 async def test_kill_9_of_the_sidecar_loses_no_request(short_tmp: str, processes: list[Process]):
     sidecar_port = free_port()
     log_file = Path(short_tmp) / "requests.log"
-    server = await start(
-        "serve",
-        "--port",
-        "0",
-        "--engine",
-        "synthetic",
-        "--synthetic-token-interval-seconds",
-        "0.02",
-        "--synthetic-completion-tokens",
-        str(TOKENS),
-        "--sidecar-port",
-        str(sidecar_port),
-        "--sidecar-socket-path",
-        f"{short_tmp}/events.sock",
-        "--sidecar-log-file",
-        str(log_file),
+    server, base = await start_synthetic_server(
+        processes,
+        *(
+            "--synthetic-token-interval-seconds",
+            "0.02",
+            "--synthetic-completion-tokens",
+            str(TOKENS),
+        ),
+        *("--sidecar-port", str(sidecar_port), "--sidecar-socket-path", f"{short_tmp}/ev.sock"),
+        *("--sidecar-log-file", str(log_file)),
     )
-    processes.append(server)
-    port = (await server.wait_for_line(r"listening on http://127\.0\.0\.1:(\d+)"))[1]
     first_pid = int((await server.wait_for_line(r"sidecar started \(pid (\d+)\)"))[1])
-    await server.wait_for_line("ready: ")
     for _ in range(100):
         if await sidecar_metric(sidecar_port, "llm_sidecar_events_received_total") is not None:
             break
         await asyncio.sleep(0.05)
 
-    base = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as session:
 
         async def wave() -> list[tuple[str, int, bytes]]:
@@ -118,26 +108,13 @@ async def test_sidecar_runs_alone_beside_a_server_that_does_not_spawn_it(
         "sidecar", "--sidecar-port", str(sidecar_port), "--sidecar-socket-path", socket_path
     )
     processes.append(sidecar)
-    server = await start(
-        "serve",
-        "--port",
-        "0",
-        "--engine",
-        "synthetic",
-        "--sidecar-spawn",
-        "false",
-        "--sidecar-socket-path",
-        socket_path,
-        "--synthetic-completion-tokens",
-        "5",
+    server, base = await start_synthetic_server(
+        processes,
+        *("--sidecar-spawn", "false", "--sidecar-socket-path", socket_path),
+        *("--synthetic-completion-tokens", "5"),
     )
-    processes.append(server)
-    port = (await server.wait_for_line(r"listening on http://127\.0\.0\.1:(\d+)"))[1]
-    await server.wait_for_line("ready: ")
     async with aiohttp.ClientSession() as session:
-        results = await asyncio.gather(
-            *(stream(session, f"http://127.0.0.1:{port}") for _ in range(3))
-        )
+        results = await asyncio.gather(*(stream(session, base) for _ in range(3)))
     assert [status for _, status, _ in results] == [200, 200, 200]
     for _ in range(100):
         done = await sidecar_metric(
