@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import TypeVar
@@ -70,6 +71,13 @@ async def _generate(
         telemetry.finished(
             _status_class(exc.status), exc.status, error_type=exc.code, error=exc.message
         )
+        raise
+    except asyncio.CancelledError:
+        # Gone while its body was read or while it waited for a slot.
+        telemetry.finished("cancelled", 499, cancel_reason="client_disconnect")
+        raise
+    except Exception:
+        telemetry.finished("error", 500, error_type="internal_error")
         raise
     finally:
         state.leave()

@@ -22,6 +22,7 @@ _GAP_FLUSH_NS = 1_000_000_000
 
 class RequestTelemetry:
     __slots__ = (
+        "_ended",
         "_first_ns",
         "_flushed_ns",
         "_sender",
@@ -60,6 +61,7 @@ class RequestTelemetry:
         self._first_ns = 0
         self._flushed_ns = 0
         self._stamps: list[int] = []
+        self._ended = False
 
     def started(self, *, stream: bool, prompt_tokens: int, queue_ns: int) -> None:
         self.stream = stream
@@ -114,8 +116,10 @@ class RequestTelemetry:
         error: str | None = None,
         cancel_reason: str | None = None,
     ) -> None:
-        if self._sender is None:
+        # Only the first ending counts: a request is reported exactly once, however it ends.
+        if self._sender is None or self._ended:
             return
+        self._ended = True
         now = time.monotonic_ns()
         self._flush_gaps(now)
         fields: dict[str, Any] = {

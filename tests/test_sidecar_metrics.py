@@ -4,6 +4,7 @@ sidecar's histograms, counters and per-key series must say exactly that."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 import aiohttp
@@ -178,3 +179,39 @@ async def test_stats_reports_the_last_minutes(serve: ServerFactory, sidecar_stac
     assert FIRST_TOKEN <= minute["ttft_p50_seconds"] <= 0.25
     assert stats["keys"]["anonymous"]["5m"]["requests"] == 2
     assert stats["sidecar"]["events_lost"] == 0
+
+
+async def test_disconnect_storm_logs_every_request_once(serve: ServerFactory, sidecar_stack):
+    engine = synthetic_engine(
+        parallel="10", first_token_seconds="0.02", token_interval_seconds="0.01"
+    )
+    server = await serve(engine, events=sidecar_stack.sender(), **{"engine.kind": "synthetic"})
+    gate = server.app[SERVICE].gate
+    rng = random.Random(7)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+    async def drop_after(seconds: float, stream: bool) -> str:
+        async with aiohttp.ClientSession() as session:
+            request = session.post(
+                server.make_url("/v1/chat/completions"), json={**body, "stream": stream}
+            )
+            task = asyncio.ensure_future(request)
+            await asyncio.sleep(seconds)
+            task.cancel()
+            try:
+                response = await task
+            except asyncio.CancelledError:
+                return "dropped before the headers"
+            response.close()
+            return "dropped mid-stream"
+
+    # 60 clients for 10 slots: some leave while queued, some mid-stream, some finish.
+    await asyncio.gather(*(drop_after(rng.uniform(0, 0.6), stream=i % 4 != 0) for i in range(60)))
+    await sidecar_stack.wait_finished(60)
+    await asyncio.sleep(0.2)
+    rids = [e["rid"] for e in sidecar_stack.finished]
+    assert len(rids) == len(set(rids)) == 60
+    assert engine.active_sequences == 0
+    assert gate.running == 0 and gate.waiting == 0
+    statuses = {e["status"] for e in sidecar_stack.finished}
+    assert "cancelled" in statuses
