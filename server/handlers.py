@@ -11,7 +11,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from server.app_keys import OPENAPI, SERVICE, STATE
-from server.errors import APIError, UnsupportedMediaType, from_validation_error
+from server.errors import APIError, NotFound, UnsupportedMediaType, from_validation_error
 from server.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from server.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -91,19 +91,34 @@ def _status_class(http_status: int) -> str:
     return "invalid_request" if http_status < 500 else "error"
 
 
-@routes.get("/v1/models")
-async def models(request: web.Request) -> web.Response:
+def _model_entry(request: web.Request) -> dict[str, object]:
     info = request.app[SERVICE].engine.info
-    created = int(request.app[STATE].started_at)
-    entry = {
+    return {
         "id": info.model_id,
         "object": "model",
-        "created": created,
+        "created": int(request.app[STATE].started_at),
         "owned_by": "llmserve",
         "engine": info.engine,
         "context_length": info.context_length,
     }
-    return web.json_response({"object": "list", "data": [entry]})
+
+
+@routes.get("/v1/models")
+async def models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [_model_entry(request)]})
+
+
+@routes.get("/v1/models/{model_id}")
+async def model(request: web.Request) -> web.Response:
+    entry = _model_entry(request)
+    wanted = request.match_info["model_id"]
+    if wanted != entry["id"]:
+        raise NotFound(
+            f"The model '{wanted}' does not exist. This server serves '{entry['id']}'.",
+            param="model",
+            code="model_not_found",
+        )
+    return web.json_response(entry)
 
 
 @routes.get("/health")

@@ -87,6 +87,7 @@ def build_openapi(version: str) -> dict[str, Any]:
         protocol.CompletionResponse,
         protocol.CompletionChunk,
         protocol.ModelList,
+        protocol.Model,
         protocol.ErrorResponse,
         HealthStatus,
     ]
@@ -114,6 +115,23 @@ def build_openapi(version: str) -> dict[str, Any]:
                 "get": {
                     "summary": "List the served model",
                     "responses": {"200": _json(protocol.ModelList, "The served model.")},
+                }
+            },
+            "/v1/models/{model_id}": {
+                "get": {
+                    "summary": "The served model, by id",
+                    "parameters": [
+                        {
+                            "name": "model_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": _json(protocol.Model, "The served model."),
+                        **_errors(404),
+                    },
                 }
             },
             "/health": {

@@ -140,4 +140,8 @@ async def test_unknown_model_is_a_not_found_error(llama_server: TestServer):
 async def test_lists_the_served_model(llama_server: TestServer, model_id: str):
     async with client_for(llama_server) as client:
         models = await client.models.list()
+        one = await client.models.retrieve(model_id)
+        with pytest.raises(openai.NotFoundError):
+            await client.models.retrieve("gpt-4o")
     assert [m.id for m in models.data] == [model_id]
+    assert one.id == model_id and one.owned_by == "llmserve"
