@@ -6,10 +6,12 @@ from aiohttp import web
 
 from server import __version__
 from server.admission import AdmissionGate
-from server.app_keys import OPENAPI, SERVICE, STATE
+from server.app_keys import AUTH, OPENAPI, SERVICE, STATE
+from server.auth import AuthState
 from server.config import Config
 from server.engines.base import Engine
 from server.handlers import routes
+from server.keys import KeyStore
 from server.middlewares import error_middleware
 from server.openapi import build_openapi
 from server.serving import GenerationService
@@ -20,7 +22,11 @@ __all__ = ["build_app"]
 
 
 def build_app(
-    engine: Engine, config: Config, *, events: EventSender | None = None
+    engine: Engine,
+    config: Config,
+    *,
+    events: EventSender | None = None,
+    keys: KeyStore | None = None,
 ) -> web.Application:
     settings = config.server
     app = web.Application(
@@ -33,6 +39,7 @@ def build_app(
         timeout_seconds=settings.queue_timeout_seconds,
     )
     app[STATE] = ServerState()
+    app[AUTH] = AuthState(keys)
     app[SERVICE] = GenerationService(
         engine, gate, ping_seconds=settings.sse_ping_seconds, events=events
     )

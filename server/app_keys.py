@@ -6,11 +6,13 @@ from typing import Any
 
 from aiohttp import web
 
+from server.auth import AuthState
 from server.serving import GenerationService
 from server.state import ServerState
 
-__all__ = ["OPENAPI", "SERVICE", "STATE"]
+__all__ = ["AUTH", "OPENAPI", "SERVICE", "STATE"]
 
 STATE = web.AppKey("state", ServerState)
+AUTH = web.AppKey("auth", AuthState)
 SERVICE = web.AppKey("service", GenerationService)
 OPENAPI = web.AppKey("openapi", dict[str, Any])

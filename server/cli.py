@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from server import __version__
 from server.config import ENV_PREFIX, ConfigError, field_names, flag, load_config
+from server.keys_cli import add_keys_parser, run_keys_command
 from sidecar.jsonlog import close_logging, configure_logging
 
 __all__ = ["main"]
@@ -38,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         "sidecar", help="run the metrics sidecar alone (for systemd or a separate host user)"
     )
     _add_config_flags(sidecar)
+    add_keys_parser(commands)
     return parser
 
 
@@ -59,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command is None:
         args = _parser().parse_args(["serve", *(argv if argv is not None else sys.argv[1:])])
+    if args.command == "keys":
+        return _keys(args)
     overrides = {
         dotted: value for dotted, value in vars(args).items() if "." in dotted and value is not None
     }
@@ -81,6 +85,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         # Log sinks write from a queue; let them finish before the process ends.
         close_logging()
+
+
+def _keys(args: argparse.Namespace) -> int:
+    default_file = None
+    if not args.file:
+        try:
+            default_file = load_config(args.config).auth.keys_file
+        except ConfigError as exc:
+            print(f"llmserve: {exc}", file=sys.stderr)
+            return 2
+    return run_keys_command(args, default_file)
 
 
 def _sidecar_args(config_path: str | None, overrides: dict[str, str]) -> list[str]:

@@ -74,11 +74,24 @@ class SyntheticSection(_Section):
     parallel: int = Field(10_000, ge=1, description="Streams generated at once.")
 
 
+class AuthSection(_Section):
+    keys_file: str | None = Field(
+        None, description="TOML file of API keys (see `llmserve keys`); none: no auth."
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="Serve without keys on a non-loopback address anyway."
+    )
+    reload_seconds: float = Field(
+        2.0, gt=0, description="How often the keys file is checked for changes."
+    )
+
+
 class Config(_Section):
     server: ServerSection = ServerSection()
     engine: EngineSection = EngineSection()
     llamacpp: LlamaCppSection = LlamaCppSection()
     synthetic: SyntheticSection = SyntheticSection()
+    auth: AuthSection = AuthSection()
     sidecar: SidecarSettings = SidecarSettings()
 
 

@@ -4,6 +4,8 @@ Hierarchy::
 
     APIError
     ├── InvalidRequest          400 invalid_request_error
+    ├── Unauthorized            401 invalid_request_error (missing_api_key, invalid_api_key)
+    ├── PermissionDenied        403 invalid_request_error (model_not_allowed)
     ├── NotFound                404 invalid_request_error (model_not_found, unknown_url)
     ├── MethodNotAllowed        405 invalid_request_error
     ├── PayloadTooLarge         413 invalid_request_error (request_too_large)
@@ -33,7 +35,9 @@ __all__ = [
     "MethodNotAllowed",
     "NotFound",
     "PayloadTooLarge",
+    "PermissionDenied",
     "ServiceUnavailable",
+    "Unauthorized",
     "UnsupportedMediaType",
     "envelope",
     "from_validation_error",
@@ -73,6 +77,19 @@ class APIError(Exception):
 
 class InvalidRequest(APIError):
     status = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(APIError):
+    status = 401
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message, code=code, headers={"WWW-Authenticate": "Bearer"})
+
+
+class PermissionDenied(APIError):
+    status = 403
     type = "invalid_request_error"
 
 

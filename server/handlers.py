@@ -10,7 +10,7 @@ from typing import TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from server.app_keys import OPENAPI, SERVICE, STATE
+from server.app_keys import AUTH, OPENAPI, SERVICE, STATE
 from server.errors import APIError, NotFound, UnsupportedMediaType, from_validation_error
 from server.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from server.protocol import ChatCompletionRequest, CompletionRequest
@@ -60,8 +60,11 @@ async def _generate(
     telemetry = service.telemetry(request_id, endpoint, received_ns)
     state.enter()
     try:
+        key = request.app[AUTH].authenticate(request)
+        telemetry.key = key.name
         state.check_accepting()
         body = await _read_body(request, model)
+        service.check_model(body.model, key)
         if isinstance(body, ChatCompletionRequest):
             prepared = await service.prepare_chat(body, request_id)
         else:
@@ -105,11 +108,13 @@ def _model_entry(request: web.Request) -> dict[str, object]:
 
 @routes.get("/v1/models")
 async def models(request: web.Request) -> web.Response:
+    request.app[AUTH].authenticate(request)
     return web.json_response({"object": "list", "data": [_model_entry(request)]})
 
 
 @routes.get("/v1/models/{model_id}")
 async def model(request: web.Request) -> web.Response:
+    request.app[AUTH].authenticate(request)
     entry = _model_entry(request)
     wanted = request.match_info["model_id"]
     if wanted != entry["id"]:

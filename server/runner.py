@@ -11,15 +11,18 @@ import asyncio
 import logging
 import signal
 from collections.abc import Sequence
+from pathlib import Path
 
 import uvloop
 from aiohttp import web
 
 from server.app import build_app
 from server.app_keys import SERVICE, STATE
+from server.auth import is_loopback
 from server.config import Config
 from server.engines import EngineError, create_engine
 from server.engines.base import Engine, ModelInfo
+from server.keys import KeyFileError, KeyStore
 from server.state_reporter import StateReporter
 from server.supervisor import SidecarSupervisor
 from sidecar.client import EventSender
@@ -39,8 +42,9 @@ def run(config: Config, sidecar_args: Sequence[str] = ()) -> int:
 
 async def _serve(config: Config, sidecar_args: Sequence[str]) -> int:
     try:
+        keys = _load_keys(config)
         engine = create_engine(config)
-    except EngineError as exc:
+    except (KeyFileError, EngineError) as exc:
         log.error("%s", exc)
         return 1
     events = _event_sender(config)
@@ -53,11 +57,35 @@ async def _serve(config: Config, sidecar_args: Sequence[str]) -> int:
             config.sidecar.port,
         )
     try:
-        return await _serve_http(config, engine, events)
+        return await _serve_http(config, engine, events, keys)
     finally:
         await _finish_events(events)
         if supervisor is not None:
             await supervisor.stop()
+
+
+def _load_keys(config: Config) -> KeyStore | None:
+    """The key store, or None to serve unauthenticated, which needs a loopback address."""
+    host = config.server.host
+    if config.auth.keys_file:
+        keys = KeyStore(Path(config.auth.keys_file))
+        log.info("authentication on: %d API keys from %s", len(keys), config.auth.keys_file)
+        return keys
+    if not is_loopback(host) and not config.auth.allow_unauthenticated:
+        raise KeyFileError(
+            f"refusing to serve without API keys on {host}, which is not a loopback address: "
+            "set auth.keys_file (see `llmserve keys create`), or auth.allow_unauthenticated = "
+            "true to accept anyone"
+        )
+    log.warning("authentication off: no auth.keys_file, so anyone who can reach %s may call", host)
+    return None
+
+
+async def _watch_keys(keys: KeyStore, seconds: float) -> None:
+    # A changed file is noticed within `seconds`; SIGHUP reloads at once.
+    while True:
+        await asyncio.sleep(seconds)
+        keys.reload_if_changed()
 
 
 def _event_sender(config: Config) -> EventSender | None:
@@ -82,8 +110,10 @@ async def _finish_events(events: EventSender | None) -> None:
     events.close()
 
 
-async def _serve_http(config: Config, engine: Engine, events: EventSender | None) -> int:
-    app = build_app(engine, config, events=events)
+async def _serve_http(
+    config: Config, engine: Engine, events: EventSender | None, keys: KeyStore | None
+) -> int:
+    app = build_app(engine, config, events=events, keys=keys)
     state = app[STATE]
     # Cancel a handler when its client disconnects: that is what stops a non-streaming
     # generation nobody will read.
@@ -104,6 +134,10 @@ async def _serve_http(config: Config, engine: Engine, events: EventSender | None
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    watcher = None
+    if keys is not None:
+        loop.add_signal_handler(signal.SIGHUP, keys.reload)
+        watcher = asyncio.create_task(_watch_keys(keys, config.auth.reload_seconds))
 
     load = asyncio.create_task(engine.load())
     await asyncio.wait([load, asyncio.create_task(stop.wait())], return_when="FIRST_COMPLETED")
@@ -126,6 +160,8 @@ async def _serve_http(config: Config, engine: Engine, events: EventSender | None
     reporter.start()
 
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
     state.draining = True
     log.info(
         "draining: %d requests in flight, up to %g s",

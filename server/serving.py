@@ -27,7 +27,15 @@ from server.engines.base import (
     RequestTooLarge,
     SamplingParams,
 )
-from server.errors import InternalError, InvalidRequest, NotFound, ServiceUnavailable, envelope
+from server.errors import (
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    ServiceUnavailable,
+    envelope,
+)
+from server.keys import KeyEntry
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.sse import EventStream
 from server.telemetry import RequestTelemetry
@@ -35,8 +43,8 @@ from sidecar.client import EventSender
 
 log = logging.getLogger("llmserve.serving")
 _T = TypeVar("_T")
-# Requests are attributed to this key name until API keys are configured.
-ANONYMOUS_KEY = "anonymous"
+# Until authentication names a key, a request is attributed to this one.
+UNAUTHENTICATED_KEY = "unauthenticated"
 
 # Larger prompts are rendered and tokenized on a worker thread so the event loop stays free.
 _INLINE_PROMPT_CHARS = 4096
@@ -70,7 +78,7 @@ class GenerationService:
         return RequestTelemetry(
             self.events,
             request_id=request_id,
-            key=ANONYMOUS_KEY,
+            key=UNAUTHENTICATED_KEY,
             model=self.model_label,
             endpoint=endpoint,
             received_ns=received_ns,
@@ -87,7 +95,6 @@ class GenerationService:
     # preparation ------------------------------------------------------------------------------
 
     async def prepare_chat(self, body: ChatCompletionRequest, request_id: str) -> Prepared:
-        self._check_model(body.model)
         messages = [{"role": _template_role(m.role), "content": m.text()} for m in body.messages]
         if len(messages) > self.engine.info.context_length:
             # Every message renders to at least one token, so this cannot fit; saying so before
@@ -105,7 +112,6 @@ class GenerationService:
         return self._prepared(body, request_id, tokens, max_tokens, fmt)
 
     async def prepare_completion(self, body: CompletionRequest, request_id: str) -> Prepared:
-        self._check_model(body.model)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             tokens = [int(t) for t in prompt]
@@ -120,13 +126,20 @@ class GenerationService:
         fmt = CompletionFormat(body.model, include_usage=body.include_usage)
         return self._prepared(body, request_id, tokens, max_tokens, fmt)
 
-    def _check_model(self, model: str) -> None:
+    def check_model(self, model: str, key: KeyEntry) -> None:
+        """The model must be the one served, and one this key may use."""
         served = self.engine.info.model_id
         if model != served:
             raise NotFound(
                 f"The model '{model}' does not exist. This server serves '{served}'.",
                 param="model",
                 code="model_not_found",
+            )
+        if not key.allows_model(model):
+            raise PermissionDenied(
+                f"This API key may not use the model '{model}'.",
+                param="model",
+                code="model_not_allowed",
             )
 
     @staticmethod

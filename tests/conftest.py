@@ -23,6 +23,7 @@ from server.app_keys import STATE
 from server.config import Config, load_config
 from server.engines import create_engine
 from server.engines.base import Engine
+from server.keys import KeyStore
 from sidecar.app import build_sidecar_app
 from sidecar.client import EventSender
 from sidecar.ingest import open_event_socket
@@ -55,9 +56,13 @@ async def serve(
     """serve(engine, **config_overrides) -> a running TestServer with that engine loaded."""
 
     async def start(
-        engine: Engine, *, events: EventSender | None = None, **overrides: str
+        engine: Engine,
+        *,
+        events: EventSender | None = None,
+        keys: KeyStore | None = None,
+        **overrides: str,
     ) -> TestServer:
-        app: web.Application = build_app(engine, make_config(**overrides), events=events)
+        app: web.Application = build_app(engine, make_config(**overrides), events=events, keys=keys)
         app[STATE].loaded = True
         return await aiohttp_server(app)
 

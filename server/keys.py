@@ -1,0 +1,154 @@
+"""API keys: a TOML file of key names, SHA-256 hashes of their secrets, model lists and limits.
+
+The secret itself is shown once, when `llmserve keys create` makes it, and never stored. A key
+is found by the hash of the presented secret and confirmed with a constant-time comparison. The
+file is re-read when it changes or on SIGHUP; requests already running keep the entry they
+started with, so a reload never drops a stream, and a revoked key is refused from the next
+request on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import stat
+import tomllib
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = ["KeyEntry", "KeyFileError", "KeyStore", "hash_secret", "new_secret"]
+
+log = logging.getLogger("llmserve.keys")
+
+Limit = Annotated[int, Field(ge=1)] | None
+_HEADER = (
+    "# llmserve API keys: names, SHA-256 hashes of the secrets, models and limits.\n"
+    "# The secrets were shown once, when each key was created. Keep this file mode 600.\n"
+)
+
+
+class KeyFileError(Exception):
+    """The keys file is missing, unreadable, invalid, or readable by others."""
+
+
+class KeyEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    created: str | None = None
+    models: list[str] | None = Field(None, description="Models this key may use (None: all).")
+    rpm: Limit = Field(None, description="Requests per minute.")
+    tpm: Limit = Field(None, description="Tokens (prompt + completion) per minute.")
+    concurrency: Limit = Field(None, description="Requests running at once.")
+    tpd: Limit = Field(None, description="Tokens per day.")
+
+    def allows_model(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+def new_secret() -> str:
+    """`sk-` and 256 bits of randomness."""
+    return "sk-" + secrets.token_urlsafe(32)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def read_keys(path: Path) -> dict[str, KeyEntry]:
+    """Name -> entry, after checking that nobody but the owner can read the file."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise KeyFileError(f"keys file not found: {path}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(
+            f"keys file {path} is open to other users (mode {stat.filemode(mode)}); "
+            f"run: chmod 600 {path}"
+        )
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise KeyFileError(f"cannot read keys file {path}: {exc}") from None
+    entries: dict[str, KeyEntry] = {}
+    for name, fields in (data.get("keys") or {}).items():
+        try:
+            entries[name] = KeyEntry.model_validate({**fields, "name": name})
+        except (ValidationError, TypeError) as exc:
+            raise KeyFileError(f"keys file {path}: key {name!r} is invalid: {exc}") from None
+    return entries
+
+
+def write_keys(path: Path, entries: dict[str, KeyEntry]) -> None:
+    """Replace the file atomically, created with mode 600."""
+    body = {
+        "keys": {
+            name: entry.model_dump(exclude={"name"}, exclude_none=True)
+            for name, entry in sorted(entries.items())
+        }
+    }
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(_HEADER + tomli_w.dumps(body))
+    os.replace(temporary, path)
+
+
+def created_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class KeyStore:
+    """The loaded keys, looked up by the hash of a presented secret."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._by_hash: dict[str, KeyEntry] = {}
+        self._signature: tuple[int, int] | None = None
+        self.load()
+
+    def __len__(self) -> int:
+        return len(self._by_hash)
+
+    def load(self) -> None:
+        entries = read_keys(self.path)
+        self._by_hash = {entry.sha256: entry for entry in entries.values()}
+        self._signature = self._file_signature()
+
+    def _file_signature(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def reload_if_changed(self) -> bool:
+        """Re-read the file if it changed; a broken file keeps the keys already loaded."""
+        if self._file_signature() == self._signature:
+            return False
+        return self.reload()
+
+    def reload(self) -> bool:
+        try:
+            self.load()
+        except KeyFileError as exc:
+            log.error("keeping the %d keys loaded before: %s", len(self), exc)
+            self._signature = self._file_signature()
+            return False
+        log.info("reloaded %d API keys from %s", len(self), self.path)
+        return True
+
+    def authenticate(self, secret: str) -> KeyEntry | None:
+        digest = hash_secret(secret)
+        entry = self._by_hash.get(digest)
+        if entry is not None and hmac.compare_digest(entry.sha256, digest):
+            return entry
+        return None

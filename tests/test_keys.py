@@ -1,0 +1,107 @@
+"""API keys: the `llmserve keys` command, the file's permissions, and authentication."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+
+from server.cli import main
+from server.keys import KeyFileError, KeyStore, read_keys
+from tests.conftest import Process, ServerFactory, start, synthetic_engine
+
+
+def keys(path: Path, *args: str, capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(["keys", "--file", str(path), *args]) == 0
+    return capsys.readouterr().out.strip()
+
+
+def test_create_list_set_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    path = tmp_path / "keys.toml"
+    secret = keys(path, "create", "acme", "--rpm", "5", "--tpm", "1000", capsys=capsys)
+    assert secret.startswith("sk-") and len(secret) == 3 + 43
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert secret not in path.read_text()
+
+    keys(path, "set", "acme", "--concurrency", "2", "--models", "m1,m2", capsys=capsys)
+    entry = read_keys(path)["acme"]
+    assert (entry.rpm, entry.tpm, entry.concurrency, entry.tpd) == (5, 1000, 2, None)
+    assert entry.models == ["m1", "m2"]
+    keys(path, "set", "acme", "--rpm", "none", capsys=capsys)
+    assert read_keys(path)["acme"].rpm is None
+    assert "acme: rpm unlimited, tpm 1000" in keys(path, "list", capsys=capsys)
+
+    store = KeyStore(path)
+    assert store.authenticate(secret) is not None
+    assert store.authenticate(secret + "x") is None
+    keys(path, "revoke", "acme", capsys=capsys)
+    store.reload()
+    assert store.authenticate(secret) is None
+
+
+def test_a_file_others_can_read_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    path = tmp_path / "keys.toml"
+    keys(path, "create", "acme", capsys=capsys)
+    os.chmod(path, 0o644)
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        KeyStore(path)
+
+
+async def test_requests_need_a_valid_key(
+    serve: ServerFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    path = tmp_path / "keys.toml"
+    secret = keys(path, "create", "acme", capsys=capsys)
+    limited = keys(path, "create", "narrow", "--models", "other-model", capsys=capsys)
+    store = KeyStore(path)
+    server = await serve(
+        synthetic_engine(completion_tokens="3"), keys=store, **{"engine.kind": "synthetic"}
+    )
+    body = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}]}
+    url = server.make_url("/v1/chat/completions")
+
+    async def call(headers: dict[str, str]) -> tuple[int, dict[str, object], str]:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url, json=body, headers=headers) as r:
+                return r.status, await r.json(), r.headers.get("WWW-Authenticate", "")
+
+    status, error, challenge = await call({})
+    assert (status, error["error"]["code"], challenge) == (401, "missing_api_key", "Bearer")
+    status, error, _ = await call({"Authorization": "Bearer sk-wrong-secret"})
+    assert (status, error["error"]["code"]) == (401, "invalid_api_key")
+    assert "sk-wrong-secret" not in str(error)
+    assert (await call({"Authorization": f"Bearer {secret}"}))[0] == 200
+    assert (await call({"x-api-key": secret}))[0] == 200
+    status, error, _ = await call({"x-api-key": limited})
+    assert (status, error["error"]["code"]) == (403, "model_not_allowed")
+
+    keys(path, "revoke", "acme", capsys=capsys)
+    store.reload()
+    assert (await call({"x-api-key": secret}))[0] == 401
+
+
+async def test_openai_client_sends_its_key(
+    serve: ServerFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    path = tmp_path / "keys.toml"
+    secret = keys(path, "create", "acme", capsys=capsys)
+    server = await serve(
+        synthetic_engine(completion_tokens="3"), keys=KeyStore(path), **{"engine.kind": "synthetic"}
+    )
+    base = str(server.make_url("/v1"))
+    async with openai.AsyncOpenAI(base_url=base, api_key=secret, max_retries=0) as client:
+        models = await client.models.list()
+        assert [m.id for m in models.data] == ["synthetic"]
+    async with openai.AsyncOpenAI(base_url=base, api_key="sk-nope", max_retries=0) as client:
+        with pytest.raises(openai.AuthenticationError):
+            await client.models.list()
+
+
+async def test_no_keys_on_a_public_address_is_refused(processes: list[Process]):
+    server = await start("serve", "--host", "0.0.0.0", "--port", "0", "--sidecar-spawn", "false")
+    processes.append(server)
+    assert await server.finish() == 1
+    assert "refusing to serve without API keys on 0.0.0.0" in "".join(server.log)
