@@ -14,6 +14,8 @@ from server.handlers import routes
 from server.keys import KeyStore
 from server.middlewares import error_middleware
 from server.openapi import build_openapi
+from server.ratelimit import Limiter, MemoryLimiter
+from server.ratelimit.admission import KeyAdmission
 from server.serving import GenerationService
 from server.state import ServerState
 from sidecar.client import EventSender
@@ -27,6 +29,7 @@ def build_app(
     *,
     events: EventSender | None = None,
     keys: KeyStore | None = None,
+    limiter: Limiter | None = None,
 ) -> web.Application:
     settings = config.server
     app = web.Application(
@@ -40,9 +43,19 @@ def build_app(
     )
     app[STATE] = ServerState()
     app[AUTH] = AuthState(keys)
-    app[SERVICE] = GenerationService(
-        engine, gate, ping_seconds=settings.sse_ping_seconds, events=events
+    limits = KeyAdmission(
+        limiter or MemoryLimiter(),
+        fail_open=config.ratelimit.failure_policy == "fail_open",
+        events=events,
     )
+    app[SERVICE] = GenerationService(
+        engine, gate, limits, ping_seconds=settings.sse_ping_seconds, events=events
+    )
+
+    async def close_limits(_: web.Application) -> None:
+        await limits.close()
+
+    app.on_cleanup.append(close_limits)
     app[OPENAPI] = build_openapi(__version__)
     app.add_routes(routes)
     return app

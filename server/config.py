@@ -86,12 +86,30 @@ class AuthSection(_Section):
     )
 
 
+class RateLimitSection(_Section):
+    redis_url: str | None = Field(
+        None, description="Share limits through Redis (none: in this process only)."
+    )
+    redis_mode: Literal["single", "cluster", "sentinel"] = Field(
+        "single", description="How redis_url is read: one server, a Cluster, or Sentinels."
+    )
+    redis_sentinel_master: str = Field("mymaster", description="Master name, with Sentinel.")
+    failure_policy: Literal["fail_open", "fail_closed"] = Field(
+        "fail_open", description="When Redis does not answer: admit (and count) or 503."
+    )
+    timeout_seconds: float = Field(0.25, gt=0, description="Longest wait for a limit check.")
+    lease_seconds: float = Field(
+        30.0, ge=3, description="A dead server's concurrency leases lapse after this."
+    )
+
+
 class Config(_Section):
     server: ServerSection = ServerSection()
     engine: EngineSection = EngineSection()
     llamacpp: LlamaCppSection = LlamaCppSection()
     synthetic: SyntheticSection = SyntheticSection()
     auth: AuthSection = AuthSection()
+    ratelimit: RateLimitSection = RateLimitSection()
     sidecar: SidecarSettings = SidecarSettings()
 
 

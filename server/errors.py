@@ -6,6 +6,7 @@ Hierarchy::
     ├── InvalidRequest          400 invalid_request_error
     ├── Unauthorized            401 invalid_request_error (missing_api_key, invalid_api_key)
     ├── PermissionDenied        403 invalid_request_error (model_not_allowed)
+    ├── RateLimited             429 requests / tokens (rate_limit_exceeded), insufficient_quota
     ├── NotFound                404 invalid_request_error (model_not_found, unknown_url)
     ├── MethodNotAllowed        405 invalid_request_error
     ├── PayloadTooLarge         413 invalid_request_error (request_too_large)
@@ -36,6 +37,7 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "PermissionDenied",
+    "RateLimited",
     "ServiceUnavailable",
     "Unauthorized",
     "UnsupportedMediaType",
@@ -91,6 +93,16 @@ class Unauthorized(APIError):
 class PermissionDenied(APIError):
     status = 403
     type = "invalid_request_error"
+
+
+class RateLimited(APIError):
+    """A per-key limit refused the request; `type` says which kind, as OpenAI's does."""
+
+    status = 429
+
+    def __init__(self, message: str, *, type_: str, code: str, headers: dict[str, str]) -> None:
+        super().__init__(message, code=code, headers=headers)
+        self.type = type_
 
 
 class NotFound(APIError):

@@ -69,7 +69,14 @@ async def _generate(
             prepared = await service.prepare_chat(body, request_id)
         else:
             prepared = await service.prepare_completion(body, request_id)
-        return await service.respond(request, prepared, {REQUEST_ID_HEADER: request_id}, telemetry)
+        headers = {REQUEST_ID_HEADER: request_id}
+        decision = await service.limits.admit(key, prepared.reserved_tokens, request_id)
+        if decision is not None:
+            headers.update(decision.headers())
+        try:
+            return await service.respond(request, prepared, headers, telemetry)
+        finally:
+            service.limits.finish(decision, telemetry.prompt_tokens + telemetry.tokens_written)
     except APIError as exc:
         telemetry.finished(
             _status_class(exc.status), exc.status, error_type=exc.code, error=exc.message

@@ -50,6 +50,10 @@ class KeyEntry(BaseModel):
     concurrency: Limit = Field(None, description="Requests running at once.")
     tpd: Limit = Field(None, description="Tokens per day.")
 
+    @property
+    def has_limits(self) -> bool:
+        return any(x is not None for x in (self.rpm, self.tpm, self.concurrency, self.tpd))
+
     def allows_model(self, model: str) -> bool:
         return self.models is None or model in self.models
 

@@ -37,6 +37,7 @@ from server.errors import (
 )
 from server.keys import KeyEntry
 from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.ratelimit.admission import KeyAdmission
 from server.sse import EventStream
 from server.telemetry import RequestTelemetry
 from sidecar.client import EventSender
@@ -59,18 +60,25 @@ class Prepared:
     stream: bool
     include_usage: bool
 
+    @property
+    def reserved_tokens(self) -> int:
+        """What the request may use at most: its prompt and max_tokens."""
+        return len(self.generation.prompt_tokens) + self.generation.params.max_tokens
+
 
 class GenerationService:
     def __init__(
         self,
         engine: Engine,
         gate: AdmissionGate,
+        limits: KeyAdmission,
         *,
         ping_seconds: float,
         events: EventSender | None = None,
     ) -> None:
         self.engine = engine
         self.gate = gate
+        self.limits = limits
         self.ping_seconds = ping_seconds
         self.events = events
 

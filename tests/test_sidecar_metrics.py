@@ -205,8 +205,10 @@ async def test_disconnect_storm_logs_every_request_once(serve: ServerFactory, si
             response.close()
             return "dropped mid-stream"
 
-    # 60 clients for 10 slots: some leave while queued, some mid-stream, some finish.
-    await asyncio.gather(*(drop_after(rng.uniform(0, 0.6), stream=i % 4 != 0) for i in range(60)))
+    # 60 clients for 10 slots: some leave while queued, some mid-stream, some finish. Each
+    # waits at least 100 ms, so its request has reached the server (one dropped before it is
+    # sent exists only for the client).
+    await asyncio.gather(*(drop_after(rng.uniform(0.1, 0.6), stream=i % 4 != 0) for i in range(60)))
     await sidecar_stack.wait_finished(60)
     await asyncio.sleep(0.2)
     rids = [e["rid"] for e in sidecar_stack.finished]
