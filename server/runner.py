@@ -23,6 +23,8 @@ from server.config import Config
 from server.engines import EngineError, create_engine
 from server.engines.base import Engine, ModelInfo
 from server.keys import KeyFileError, KeyStore
+from server.ratelimit import Limiter, MemoryLimiter
+from server.ratelimit.redis_limiter import RedisLimiter, connect
 from server.state_reporter import StateReporter
 from server.supervisor import SidecarSupervisor
 from sidecar.client import EventSender
@@ -56,8 +58,9 @@ async def _serve(config: Config, sidecar_args: Sequence[str]) -> int:
             config.sidecar.host,
             config.sidecar.port,
         )
+    limiter = _limiter(config)
     try:
-        return await _serve_http(config, engine, events, keys)
+        return await _serve_http(config, engine, events, keys, limiter)
     finally:
         await _finish_events(events)
         if supervisor is not None:
@@ -88,6 +91,29 @@ async def _watch_keys(keys: KeyStore, seconds: float) -> None:
         keys.reload_if_changed()
 
 
+def _limiter(config: Config) -> Limiter:
+    settings = config.ratelimit
+    if settings.redis_url is None:
+        log.info("per-key limits are kept in this process (no ratelimit.redis_url)")
+        return MemoryLimiter()
+    client = connect(settings.redis_mode, settings.redis_url, settings.redis_sentinel_master)
+    log.info(
+        "per-key limits shared through Redis (%s, %s), %s when it is unreachable",
+        settings.redis_mode,
+        _without_password(settings.redis_url),
+        settings.failure_policy,
+    )
+    return RedisLimiter(
+        client, timeout_seconds=settings.timeout_seconds, lease_seconds=settings.lease_seconds
+    )
+
+
+def _without_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}{'***@' if at else ''}{host}" if credentials or at else url
+
+
 def _event_sender(config: Config) -> EventSender | None:
     if not config.sidecar.events:
         log.info("per-request events are off (sidecar.events = false)")
@@ -111,9 +137,13 @@ async def _finish_events(events: EventSender | None) -> None:
 
 
 async def _serve_http(
-    config: Config, engine: Engine, events: EventSender | None, keys: KeyStore | None
+    config: Config,
+    engine: Engine,
+    events: EventSender | None,
+    keys: KeyStore | None,
+    limiter: Limiter,
 ) -> int:
-    app = build_app(engine, config, events=events, keys=keys)
+    app = build_app(engine, config, events=events, keys=keys, limiter=limiter)
     state = app[STATE]
     # Cancel a handler when its client disconnects: that is what stops a non-streaming
     # generation nobody will read.

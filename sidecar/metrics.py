@@ -290,6 +290,30 @@ class Metrics:
             ("key", "limit"),
             registry=reg,
         )
+        self.key_limit = Gauge(
+            "llm_key_rate_limit",
+            "A key's limit: requests or tokens per bucket (rpm, tpm, tpd).",
+            ("key", "limit"),
+            registry=reg,
+        )
+        self.key_limit_remaining = Gauge(
+            "llm_key_rate_limit_remaining",
+            "What the key's bucket held after its last decision.",
+            ("key", "limit"),
+            registry=reg,
+        )
+        self.key_limit_utilization = Gauge(
+            "llm_key_rate_limit_utilization_ratio",
+            "Share of the key's bucket in use after its last decision (0-1).",
+            ("key", "limit"),
+            registry=reg,
+        )
+        self.limiter_errors = Counter(
+            "llm_ratelimit_backend_errors",
+            "Limit checks that got no answer from Redis, by what the policy did.",
+            ("outcome",),
+            registry=reg,
+        )
         self.key_errors = Counter(
             "llm_key_errors",
             "Failed requests per API key name, by error type.",

@@ -151,10 +151,23 @@ class Recorder:
             )
             self.metrics.model_load_duration.labels(model).set(event["load_s"])
             self.metrics.model_memory.labels(model).set(event["memory_bytes"])
-        elif kind == "ratelimit" and not event["allowed"]:
-            self.metrics.key_rate_limited.labels(
-                self.keys.label(event["key"]), event["limit"]
-            ).inc()
+        elif kind == "ratelimit":
+            self._rate_limit(event)
+
+    def _rate_limit(self, event: dict[str, Any]) -> None:
+        m = self.metrics
+        if event.get("backend_error"):
+            m.limiter_errors.labels("admitted" if event["allowed"] else "refused").inc()
+            return
+        key = self.keys.label(event["key"])
+        if not event["allowed"]:
+            m.key_rate_limited.labels(key, event["limit"]).inc()
+        for name, (limit, remaining) in (event.get("state") or {}).items():
+            m.key_limit.labels(key, name).set(limit)
+            m.key_limit_remaining.labels(key, name).set(max(0.0, remaining))
+            m.key_limit_utilization.labels(key, name).set(
+                min(1.0, max(0.0, 1 - remaining / limit)) if limit else 0.0
+            )
 
     def _finished(self, event: dict[str, Any]) -> None:
         m = self.metrics

@@ -6,8 +6,11 @@ import asyncio
 import os
 import re
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +27,7 @@ from server.config import Config, load_config
 from server.engines import create_engine
 from server.engines.base import Engine
 from server.keys import KeyStore
+from server.ratelimit import Limiter
 from sidecar.app import build_sidecar_app
 from sidecar.client import EventSender
 from sidecar.ingest import open_event_socket
@@ -60,9 +64,12 @@ async def serve(
         *,
         events: EventSender | None = None,
         keys: KeyStore | None = None,
+        limiter: Limiter | None = None,
         **overrides: str,
     ) -> TestServer:
-        app: web.Application = build_app(engine, make_config(**overrides), events=events, keys=keys)
+        app: web.Application = build_app(
+            engine, make_config(**overrides), events=events, keys=keys, limiter=limiter
+        )
         app[STATE].loaded = True
         return await aiohttp_server(app)
 
@@ -202,3 +209,59 @@ async def start_synthetic_server(processes: list[Process], *args: str) -> tuple[
     port = (await server.wait_for_line(r"listening on http://127\.0\.0\.1:(\d+)"))[1]
     await server.wait_for_line("ready: ")
     return server, f"http://127.0.0.1:{port}"
+
+
+@dataclass
+class RedisServer:
+    port: int
+    directory: str
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is missing: scripts/setup --test installs it"
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.directory,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(200):
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.01)
+        raise AssertionError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+@pytest.fixture
+def redis_server(short_tmp: str) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, for this test only."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = RedisServer(port, short_tmp)
+    server.start()
+    yield server
+    server.stop()

@@ -15,8 +15,12 @@ from typing import Any
 
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.keys import KeyEntry
 from server.ratelimit.base import (
@@ -117,7 +121,13 @@ def _key(name: str, part: str) -> str:
 
 def connect(mode: str, url: str, sentinel_master: str | None) -> Any:
     """A redis.asyncio client for a single server, a Cluster, or a Sentinel-managed master."""
-    options = {"socket_connect_timeout": 1.0, "health_check_interval": 15}
+    # A pooled connection that died with a restarted Redis is replaced within the same call.
+    options = {
+        "socket_connect_timeout": 1.0,
+        "health_check_interval": 15,
+        "retry": Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=2),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+    }
     if mode == "cluster":
         return RedisCluster.from_url(url, **options)
     if mode == "sentinel":
