@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -105,3 +106,32 @@ async def test_no_keys_on_a_public_address_is_refused(processes: list[Process]):
     processes.append(server)
     assert await server.finish() == 1
     assert "refusing to serve without API keys on 0.0.0.0" in "".join(server.log)
+
+
+async def test_reloading_keys_under_load_drops_no_stream(
+    serve: ServerFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    path = tmp_path / "keys.toml"
+    secret = keys(path, "create", "acme", capsys=capsys)
+    store = KeyStore(path)
+    engine = synthetic_engine(token_interval_seconds="0.01", completion_tokens="40")
+    server = await serve(engine, keys=store, **{"engine.kind": "synthetic"})
+    body = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+    async def stream(key: str) -> bytes:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                server.make_url("/v1/chat/completions"), json=body, headers={"x-api-key": key}
+            ) as r:
+                assert r.status == 200
+                return await r.read()
+
+    running = [asyncio.create_task(stream(secret)) for _ in range(5)]
+    await asyncio.sleep(0.1)
+    newcomer = keys(path, "create", "globex", capsys=capsys)
+    keys(path, "revoke", "acme", capsys=capsys)
+    assert store.reload_if_changed()
+    for raw in await asyncio.gather(*running):
+        assert raw.count(b'"content":"') == 41  # the role chunk, then 40 tokens
+        assert raw.endswith(b"data: [DONE]\n\n")
+    assert (await stream(newcomer)).endswith(b"data: [DONE]\n\n")
