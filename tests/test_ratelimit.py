@@ -21,6 +21,7 @@ from tests.conftest import (
     Process,
     RedisServer,
     ServerFactory,
+    SidecarStack,
     start_synthetic_server,
     synthetic_engine,
 )
@@ -265,3 +266,32 @@ async def test_replicas_sharing_redis_admit_the_limit_in_total(
         server.proc.terminate()
         await server.finish()
         assert SECRET not in "".join(server.log)
+
+
+async def test_decisions_reach_the_sidecar(
+    serve: ServerFactory, short_tmp: str, sidecar_stack: SidecarStack
+):
+    engine = synthetic_engine(first_token_seconds="0", completion_tokens="2")
+    server = await serve(
+        engine,
+        keys=KeyStore(keys_file(short_tmp, rpm=5, tpm=10_000)),
+        events=sidecar_stack.sender(),
+        **{"engine.kind": "synthetic"},
+    )
+    assert sorted([(await post(server))[0] for _ in range(6)]) == [200] * 5 + [429]
+    await sidecar_stack.wait_finished(6)
+    for _ in range(50):
+        samples = await sidecar_stack.samples()
+        if samples.get(("llm_key_rate_limited_total", (("key", "acme"), ("limit", "rpm")))):
+            break
+        await asyncio.sleep(0.02)
+    assert samples[("llm_key_rate_limited_total", (("key", "acme"), ("limit", "rpm")))] == 1
+    assert samples[("llm_key_rate_limit", (("key", "acme"), ("limit", "rpm")))] == 5
+    assert samples[("llm_key_rate_limit", (("key", "acme"), ("limit", "tpm")))] == 10_000
+    remaining = samples[("llm_key_rate_limit_remaining", (("key", "acme"), ("limit", "rpm")))]
+    assert 0 <= remaining < 1
+    utilization = ("llm_key_rate_limit_utilization_ratio", (("key", "acme"), ("limit", "rpm")))
+    assert samples[utilization] > 0.8
+    assert samples[("llm_key_requests_total", (("key", "acme"), ("status", "rate_limited")))] == 1
+    text = await sidecar_stack.metrics_text()
+    assert SECRET not in text and hash_secret(SECRET) not in text
