@@ -33,9 +33,12 @@ def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
 def _errors(*statuses: int) -> dict[str, Any]:
     reasons = {
         400: "Invalid request: the message names the parameter.",
+        401: "Missing or wrong API key (when the server has a keys file).",
+        403: "This API key may not use the model.",
         404: "Unknown model.",
         413: "Request body over the size limit.",
         415: "Body is not JSON.",
+        429: "A per-key limit was reached (see retry-after and x-ratelimit-* headers).",
         500: "The engine failed.",
         503: "Not ready, shutting down, or at capacity (see Retry-After).",
     }
@@ -70,7 +73,7 @@ def _generation(
                         },
                     },
                 },
-                **_errors(400, 404, 413, 415, 500, 503),
+                **_errors(400, 401, 403, 404, 413, 415, 429, 500, 503),
             },
         }
     }
@@ -114,7 +117,10 @@ def build_openapi(version: str) -> dict[str, Any]:
             "/v1/models": {
                 "get": {
                     "summary": "List the served model",
-                    "responses": {"200": _json(protocol.ModelList, "The served model.")},
+                    "responses": {
+                        "200": _json(protocol.ModelList, "The served model."),
+                        **_errors(401),
+                    },
                 }
             },
             "/v1/models/{model_id}": {
@@ -130,7 +136,7 @@ def build_openapi(version: str) -> dict[str, Any]:
                     ],
                     "responses": {
                         "200": _json(protocol.Model, "The served model."),
-                        **_errors(404),
+                        **_errors(401, 404),
                     },
                 }
             },
@@ -161,5 +167,13 @@ def build_openapi(version: str) -> dict[str, Any]:
                 }
             },
         },
-        "components": {"schemas": schemas["$defs"]},
+        "components": {
+            "schemas": schemas["$defs"],
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+            },
+        },
+        # Either scheme, or none when the server runs without a keys file.
+        "security": [{"bearer": []}, {"apiKeyHeader": []}, {}],
     }
