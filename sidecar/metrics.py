@@ -255,6 +255,11 @@ class Metrics:
             m,
             registry=reg,
         )
+        self.servers_reporting = Gauge(
+            "llm_servers_reporting",
+            "Servers whose state report reached this sidecar in the last 5 seconds.",
+            registry=reg,
+        )
         self.model_loaded = Gauge(
             "llm_model_loaded",
             "1 while the model is loaded and the server is ready.",

@@ -22,6 +22,8 @@ __all__ = ["KeyNames", "Recorder"]
 log = logging.getLogger("llmserve.sidecar")
 
 OTHER_KEY = "other"
+# Servers report every second; this long without a report means the server is gone.
+SERVER_SILENT_SECONDS = 5.0
 _MAX_LIVE = 100_000
 _ERROR_STATUSES = frozenset({"error", "overloaded", "invalid_request"})
 
@@ -53,6 +55,8 @@ class _Instance:
     dropped: int = 0
     # rid -> (model, key) for requests whose start was seen, so gaps can be attributed.
     live: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # When it last reported its state (every second while it runs); 0 = never.
+    last_state: float = 0.0
 
 
 def _seconds(ns: int | None) -> float:
@@ -74,9 +78,15 @@ class Recorder:
         self.keys = KeyNames(max_keys)
         self.instances: dict[str, _Instance] = {}
         self.finished_requests = 0
+        metrics.servers_reporting.set_function(self.servers_reporting)
         self.received = 0
         self.lost = 0
         self.malformed = 0
+
+    def servers_reporting(self) -> int:
+        """Servers whose state report arrived within the last few seconds."""
+        cutoff = time.monotonic() - SERVER_SILENT_SECONDS
+        return sum(1 for instance in self.instances.values() if instance.last_state > cutoff)
 
     def count_malformed(self) -> None:
         self.malformed += 1
@@ -140,6 +150,7 @@ class Recorder:
             instance.live.pop(event["rid"], None)
             self._finished(event)
         elif kind == "state":
+            instance.last_state = time.monotonic()
             model = event["model"]
             self.metrics.running.labels(model).set(event["running"])
             self.metrics.waiting.labels(model).set(event["waiting"])

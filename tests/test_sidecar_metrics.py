@@ -142,6 +142,7 @@ async def test_state_and_load_gauges(serve: ServerFactory, sidecar_stack):
         await asyncio.sleep(0.02)
     assert value(s, "llm_requests_running", model=MODEL) == 1
     assert value(s, "llm_model_loaded", model=MODEL, engine="synthetic") == 1
+    assert value(s, "llm_servers_reporting") == 1
     await task
 
 
