@@ -33,3 +33,22 @@ def test_rule_unit_tests_pass(case: Path):
 def test_every_rules_file_has_a_unit_test():
     tested = {t.name.removesuffix("_test.yml") for t in RULE_TESTS}
     assert {r.stem for r in RULES} <= tested
+
+
+def test_prometheus_config_is_valid():
+    result = promtool("check", "config", str(ROOT / "prometheus" / "prometheus.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_has_a_runbook_entry():
+    import yaml
+
+    runbook = (ROOT / "docs" / "runbook.md").read_text()
+    anchors = {line[3:].strip().lower() for line in runbook.splitlines() if line.startswith("## ")}
+    alerts = yaml.safe_load((ROOT / "prometheus" / "rules" / "alerts.yml").read_text())
+    for group in alerts["groups"]:
+        for rule in group["rules"]:
+            anchor = rule["annotations"]["runbook_url"].split("#")[1]
+            assert anchor == rule["alert"].lower() and anchor in anchors
+            assert rule["labels"]["severity"] in ("critical", "warning", "info")
+            assert rule["annotations"]["summary"].endswith(".")
