@@ -28,6 +28,7 @@ from server.ratelimit.redis_limiter import RedisLimiter, connect
 from server.state_reporter import StateReporter
 from server.supervisor import SidecarSupervisor
 from sidecar.client import EventSender
+from sidecar.systemd_notify import SystemdNotifier
 
 __all__ = ["run"]
 
@@ -185,11 +186,14 @@ async def _serve_http(
     _log_loaded(info)
     state.loaded = True
     log.info("ready: http://%s:%s/v1 serves model %r", host, port, info.model_id)
+    systemd = SystemdNotifier()
+    systemd.ready(f"serving {info.model_id} on {host}:{port}")
     reporter = StateReporter(events, engine, app[SERVICE].gate, state)
     reporter.loaded(info)
     reporter.start()
 
     await stop.wait()
+    systemd.stopping(f"draining {state.in_flight} requests")
     if watcher is not None:
         watcher.cancel()
     state.draining = True

@@ -42,9 +42,7 @@ class SidecarSupervisor:
         while not self._stopping:
             started = loop.time()
             try:
-                self.process = await asyncio.create_subprocess_exec(
-                    *self.argv, env={**os.environ, PARENT_PID_ENV: str(os.getpid())}
-                )
+                self.process = await asyncio.create_subprocess_exec(*self.argv, env=self._env())
             except OSError as exc:
                 log.error("cannot start the sidecar: %s", exc)
                 code: int | None = None
@@ -59,6 +57,13 @@ class SidecarSupervisor:
             log.warning("sidecar exited (code %s); restarting in %.1f s", code, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    @staticmethod
+    def _env() -> dict[str, str]:
+        # systemd's notify socket belongs to the server: the child must not report as the unit.
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        env[PARENT_PID_ENV] = str(os.getpid())
+        return env
 
     async def stop(self, grace_seconds: float = 5.0) -> None:
         self._stopping = True

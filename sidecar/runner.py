@@ -25,6 +25,7 @@ from sidecar.recorder import Recorder
 from sidecar.request_log import RequestLog
 from sidecar.settings import SidecarSettings
 from sidecar.stats import RollingStats
+from sidecar.systemd_notify import SystemdNotifier
 
 __all__ = ["run"]
 
@@ -102,6 +103,8 @@ async def _serve(settings: SidecarSettings, socket_path: str) -> int:
         f"; pushing logs to {settings.loki_url}" if loki else "",
     )
 
+    systemd = SystemdNotifier()
+    systemd.ready(f"metrics on {host}:{port}, events on {socket_path}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -109,6 +112,7 @@ async def _serve(settings: SidecarSettings, socket_path: str) -> int:
     parent = os.environ.get(PARENT_PID_ENV)
     watchdog = loop.create_task(_exit_with_parent(int(parent), stop)) if parent else None
     await stop.wait()
+    systemd.stopping("stopping")
     if watchdog is not None:
         watchdog.cancel()
     await asyncio.sleep(_DRAIN_SECONDS)
