@@ -9,7 +9,14 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
-__all__ = ["register_gpu_metrics"]
+__all__ = ["GPU_METRICS", "register_gpu_metrics"]
+
+# Exported only where NVML finds a GPU.
+GPU_METRICS = (
+    "llm_gpu_utilization_ratio",
+    "llm_gpu_memory_used_bytes",
+    "llm_gpu_memory_total_bytes",
+)
 
 log = logging.getLogger("llmserve.sidecar")
 

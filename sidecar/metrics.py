@@ -7,7 +7,14 @@ thresholds. docs/metrics.md describes every metric here.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 from sidecar.bulk_histogram import BulkHistogram
 
@@ -137,6 +144,8 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = reg = registry or CollectorRegistry()
+        # process_* (CPU, memory, start time, open files) of the sidecar itself.
+        ProcessCollector(registry=reg)
         m = ("model",)
 
         self.ttft = Histogram(

@@ -1,0 +1,468 @@
+"""Generate llmserve's Grafana dashboards as plain JSON data: `python grafana/generate.py`.
+
+The committed files in grafana/dashboards/ must equal what this writes (a test checks), so a
+dashboard is changed here, not in Grafana's editor. Every panel takes its datasource from a
+variable, has a unit, and every rate uses `$__rate_interval`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).resolve().parent / "dashboards"
+PROM = {"type": "prometheus", "uid": "${datasource}"}
+LOKI = {"type": "loki", "uid": "${loki}"}
+SEL = 'model=~"$model"'
+KEY = 'key=~"$key"'
+RI = "$__rate_interval"
+
+
+def _variables(with_key: bool) -> list[dict[str, Any]]:
+    def query(name: str, metric: str, label: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "label": name.capitalize(),
+            "type": "query",
+            "datasource": PROM,
+            "query": {"query": f"label_values({metric}, {label})", "refId": name},
+            "refresh": 2,
+            "includeAll": True,
+            "multi": True,
+            "current": {},
+            "allValue": ".*",
+        }
+
+    variables = [
+        {
+            "name": "datasource",
+            "label": "Prometheus",
+            "type": "datasource",
+            "query": "prometheus",
+            "current": {"text": "Prometheus", "value": "llmserve-prometheus"},
+        },
+        {
+            "name": "loki",
+            "label": "Loki",
+            "type": "datasource",
+            "query": "loki",
+            "current": {"text": "Loki", "value": "llmserve-loki"},
+        },
+        query("model", "llm_requests_total", "model"),
+    ]
+    if with_key:
+        variables.append(query("key", "llm_key_requests_total", "key"))
+    return variables
+
+
+def _annotations() -> dict[str, Any]:
+    return {
+        "list": [
+            {
+                "name": "Model loads",
+                "datasource": PROM,
+                "enable": True,
+                "iconColor": "blue",
+                "expr": "changes(llm_model_load_duration_seconds[1m]) > 0",
+                "step": "60s",
+                "titleFormat": "model loaded",
+            },
+            {
+                "name": "Sidecar restarts",
+                "datasource": PROM,
+                "enable": True,
+                "iconColor": "orange",
+                "expr": "resets(llm_sidecar_events_received_total[1m]) > 0",
+                "step": "60s",
+                "titleFormat": "sidecar restarted",
+            },
+        ]
+    }
+
+
+class Board:
+    def __init__(self, uid: str, title: str, *, with_key: bool = False) -> None:
+        self.uid, self.title, self.with_key = uid, title, with_key
+        self.panels: list[dict[str, Any]] = []
+        self._x = self._y = 0
+
+    def _place(self, width: int, height: int) -> dict[str, int]:
+        if self._x + width > 24:
+            self._x, self._y = 0, self._y + height
+        pos = {"x": self._x, "y": self._y, "w": width, "h": height}
+        self._x += width
+        return pos
+
+    def panel(
+        self,
+        title: str,
+        kind: str,
+        unit: str,
+        targets: list[tuple[str, str]],
+        *,
+        width: int = 12,
+        height: int = 8,
+        options: dict[str, Any] | None = None,
+        datasource: dict[str, str] = PROM,
+        description: str = "",
+    ) -> None:
+        self.panels.append(
+            {
+                "id": len(self.panels) + 1,
+                "title": title,
+                "description": description,
+                "type": kind,
+                "datasource": datasource,
+                "gridPos": self._place(width, height),
+                "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+                "options": options or {},
+                "targets": [
+                    {
+                        "refId": chr(65 + i),
+                        "expr": expr,
+                        "legendFormat": legend,
+                        "datasource": datasource,
+                    }
+                    for i, (expr, legend) in enumerate(targets)
+                ],
+            }
+        )
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "uid": self.uid,
+            "title": self.title,
+            "tags": ["llmserve"],
+            "schemaVersion": 39,
+            "version": 1,
+            "editable": False,
+            "refresh": "30s",
+            "time": {"from": "now-6h", "to": "now"},
+            "timezone": "browser",
+            "templating": {"list": _variables(self.with_key)},
+            "annotations": _annotations(),
+            "panels": self.panels,
+        }
+
+
+def quantiles(metric: str) -> list[tuple[str, str]]:
+    return [
+        (f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket{{{SEL}}}[{RI}])))", f"p{p}")
+        for q, p in (("0.5", "50"), ("0.95", "95"), ("0.99", "99"))
+    ]
+
+
+def overview() -> Board:
+    b = Board("llmserve-overview", "llmserve / Overview")
+    b.panel(
+        "Requests per second by status",
+        "timeseries",
+        "reqps",
+        [(f"sum by (status) (rate(llm_requests_total{{{SEL}}}[{RI}]))", "{{status}}")],
+    )
+    b.panel(
+        "Tokens generated per second",
+        "timeseries",
+        "short",
+        [
+            (f"sum(rate(llm_generation_tokens_total{{{SEL}}}[{RI}]))", "generated"),
+            (f"sum(rate(llm_prompt_tokens_total{{{SEL}}}[{RI}]))", "prompt"),
+        ],
+    )
+    b.panel(
+        "Time to first token",
+        "timeseries",
+        "s",
+        quantiles("llm_time_to_first_token_seconds"),
+        width=8,
+    )
+    b.panel(
+        "Request duration", "timeseries", "s", quantiles("llm_request_duration_seconds"), width=8
+    )
+    b.panel(
+        "Inter-token latency",
+        "timeseries",
+        "s",
+        quantiles("llm_inter_token_latency_seconds"),
+        width=8,
+    )
+    b.panel(
+        "Server error ratio",
+        "timeseries",
+        "percentunit",
+        [
+            (
+                f'sum(rate(llm_requests_total{{{SEL}, status=~"error|overloaded"}}[{RI}])) / '
+                f"sum(rate(llm_requests_total{{{SEL}}}[{RI}]))",
+                "errors",
+            )
+        ],
+        width=8,
+    )
+    b.panel(
+        "Running and waiting",
+        "timeseries",
+        "short",
+        [
+            (f"sum(llm_requests_running{{{SEL}}})", "running"),
+            (f"sum(llm_requests_waiting{{{SEL}}})", "waiting"),
+        ],
+        width=8,
+    )
+    b.panel(
+        "KV cache in use",
+        "timeseries",
+        "percentunit",
+        [(f"max(llm_kv_cache_usage_ratio{{{SEL}}})", "KV cache")],
+        width=8,
+    )
+    b.panel(
+        "Model loaded",
+        "stat",
+        "bool",
+        [(f"max(llm_model_loaded{{{SEL}}})", "{{model}}")],
+        width=6,
+        height=4,
+    )
+    b.panel(
+        "Servers reporting",
+        "stat",
+        "short",
+        [("sum(llm_servers_reporting)", "servers")],
+        width=6,
+        height=4,
+    )
+    b.panel(
+        "Sidecar uptime",
+        "stat",
+        "s",
+        [('time() - process_start_time_seconds{job="llmserve-sidecar"}', "{{instance}}")],
+        width=6,
+        height=4,
+    )
+    b.panel(
+        "Events lost (1h)",
+        "stat",
+        "short",
+        [
+            (
+                "sum(increase(llm_sidecar_events_lost_total[1h])) + "
+                "sum(increase(llm_sidecar_server_overflow_events_total[1h]))",
+                "lost",
+            )
+        ],
+        width=6,
+        height=4,
+    )
+    b.panel(
+        "GPU utilisation",
+        "timeseries",
+        "percentunit",
+        [("llm_gpu_utilization_ratio", "GPU {{gpu}} {{instance}}")],
+    )
+    b.panel(
+        "GPU memory in use",
+        "timeseries",
+        "bytes",
+        [("llm_gpu_memory_used_bytes", "GPU {{gpu}} {{instance}}")],
+    )
+    return b
+
+
+def customers() -> Board:
+    b = Board("llmserve-customers", "llmserve / Customers", with_key=True)
+    b.panel(
+        "Requests per second by key",
+        "timeseries",
+        "reqps",
+        [(f"sum by (key) (rate(llm_key_requests_total{{{KEY}}}[{RI}]))", "{{key}}")],
+    )
+    b.panel(
+        "Tokens per second by key",
+        "timeseries",
+        "short",
+        [
+            (
+                f"sum by (key) (rate(llm_key_generation_tokens_total{{{KEY}}}[{RI}]))",
+                "{{key}} generated",
+            ),
+            (f"sum by (key) (rate(llm_key_prompt_tokens_total{{{KEY}}}[{RI}]))", "{{key}} prompt"),
+        ],
+    )
+    b.panel(
+        "Rate-limited requests by key and limit",
+        "timeseries",
+        "reqps",
+        [
+            (
+                f"sum by (key, limit) (rate(llm_key_rate_limited_total{{{KEY}}}[{RI}]))",
+                "{{key}} {{limit}}",
+            )
+        ],
+    )
+    b.panel(
+        "Errors by key",
+        "timeseries",
+        "reqps",
+        [(f"sum by (key, type) (rate(llm_key_errors_total{{{KEY}}}[{RI}]))", "{{key}} {{type}}")],
+    )
+    b.panel(
+        "Limit in use",
+        "timeseries",
+        "percentunit",
+        [
+            (
+                f"max by (key, limit) (llm_key_rate_limit_utilization_ratio{{{KEY}}})",
+                "{{key}} {{limit}}",
+            )
+        ],
+    )
+    b.panel(
+        "Top keys by tokens (1h)",
+        "table",
+        "short",
+        [
+            (
+                f"topk(10, sum by (key) (increase(llm_key_generation_tokens_total{{{KEY}}}[1h])))",
+                "{{key}}",
+            )
+        ],
+        options={"showHeader": True},
+    )
+    return b
+
+
+def latency() -> Board:
+    b = Board("llmserve-latency", "llmserve / Latency")
+    for title, metric in (
+        ("Time to first token", "llm_time_to_first_token_seconds"),
+        ("Inter-token latency", "llm_inter_token_latency_seconds"),
+        ("Request duration", "llm_request_duration_seconds"),
+    ):
+        b.panel(
+            f"{title} (heatmap)",
+            "heatmap",
+            "s",
+            [(f"sum by (le) (rate({metric}_bucket{{{SEL}}}[{RI}]))", "{{le}}")],
+            width=8,
+            options={"calculate": False, "yAxis": {"unit": "s"}},
+        )
+    b.panel(
+        "Queue, prefill and decode (mean per request)",
+        "timeseries",
+        "s",
+        [
+            (
+                f"sum(rate(llm_request_queue_time_seconds_sum{{{SEL}}}[{RI}])) / "
+                f"sum(rate(llm_request_queue_time_seconds_count{{{SEL}}}[{RI}]))",
+                "queue",
+            ),
+            (
+                f"sum(rate(llm_request_prefill_time_seconds_sum{{{SEL}}}[{RI}])) / "
+                f"sum(rate(llm_request_prefill_time_seconds_count{{{SEL}}}[{RI}]))",
+                "prefill",
+            ),
+            (
+                f"sum(rate(llm_time_per_output_token_seconds_sum{{{SEL}}}[{RI}])) / "
+                f"sum(rate(llm_time_per_output_token_seconds_count{{{SEL}}}[{RI}]))",
+                "per token",
+            ),
+        ],
+    )
+    b.panel(
+        "Tokens per second per stream (30 tokens/s line)",
+        "heatmap",
+        "short",
+        [
+            (
+                f"sum by (le) (rate(llm_request_generation_tokens_per_second_bucket{{{SEL}}}"
+                f"[{RI}]))",
+                "{{le}}",
+            )
+        ],
+        options={"calculate": False},
+    )
+    b.panel(
+        "Share of streams under 30 tokens/s",
+        "timeseries",
+        "percentunit",
+        [
+            (
+                f'sum(rate(llm_request_generation_tokens_per_second_bucket{{{SEL}, le="30.0"}}'
+                f"[{RI}])) / sum(rate(llm_request_generation_tokens_per_second_count{{{SEL}}}"
+                f"[{RI}]))",
+                "under 30 tokens/s",
+            )
+        ],
+    )
+    return b
+
+
+def errors_and_logs() -> Board:
+    b = Board("llmserve-errors", "llmserve / Errors and logs")
+    b.panel(
+        "Errors by type",
+        "timeseries",
+        "reqps",
+        [(f"sum by (type) (rate(llm_errors_total[{RI}]))", "{{type}}")],
+    )
+    b.panel(
+        "Cancellations by reason",
+        "timeseries",
+        "reqps",
+        [(f"sum by (reason) (rate(llm_requests_cancelled_total[{RI}]))", "{{reason}}")],
+    )
+    b.panel(
+        "Error lines",
+        "logs",
+        "none",
+        [('{service_name="llmserve"} | json | level=~"error|warning"', "")],
+        width=24,
+        datasource=LOKI,
+    )
+    b.panel(
+        "Slowest requests (end to end)",
+        "table",
+        "s",
+        [
+            (
+                'topk(20, max_over_time({service_name="llmserve"} | json | msg="request finished" '
+                "| unwrap e2e_s [$__interval]) by (request_id, key, model))",
+                "",
+            )
+        ],
+        width=12,
+        datasource=LOKI,
+    )
+    b.panel(
+        "A request by id (set the request_id variable)",
+        "logs",
+        "none",
+        [('{service_name="llmserve"} | request_id="$request_id"', "")],
+        width=12,
+        datasource=LOKI,
+    )
+    return b
+
+
+BOARDS = [overview, customers, latency, errors_and_logs]
+
+
+def render() -> dict[str, str]:
+    """file name -> JSON text for every dashboard."""
+    out = {}
+    for make in BOARDS:
+        board = make().json()
+        if board["uid"] == "llmserve-errors":
+            board["templating"]["list"].append(
+                {"name": "request_id", "label": "Request id", "type": "textbox", "query": ""}
+            )
+        out[f"{board['uid']}.json"] = json.dumps(board, indent=2, sort_keys=True) + "\n"
+    return out
+
+
+if __name__ == "__main__":
+    for name, text in render().items():
+        (OUT / name).write_text(text)
+        print(f"wrote grafana/dashboards/{name}")
