@@ -101,7 +101,7 @@ def _limiter(config: Config) -> Limiter:
     log.info(
         "per-key limits shared through Redis (%s, %s), %s when it is unreachable",
         settings.redis_mode,
-        _without_password(settings.redis_url),
+        without_credentials(settings.redis_url),
         settings.failure_policy,
     )
     return RedisLimiter(
@@ -109,10 +109,11 @@ def _limiter(config: Config) -> Limiter:
     )
 
 
-def _without_password(url: str) -> str:
+def without_credentials(url: str) -> str:
+    """The Redis URL as it may be logged: whatever precedes the host's "@" is masked."""
     scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    return f"{scheme}{sep}{'***@' if at else ''}{host}" if credentials or at else url
+    _, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}***@{host}" if at else url
 
 
 def _event_sender(config: Config) -> EventSender | None:

@@ -28,6 +28,7 @@ from typing import Any
 import msgpack
 
 __all__ = [
+    "ERROR_STATUSES",
     "KINDS",
     "MAX_DATAGRAM_BYTES",
     "VERSION",
@@ -39,6 +40,8 @@ __all__ = [
 ]
 
 VERSION = 1
+# `end` statuses that count as failed requests (errors, and the error rows of /stats).
+ERROR_STATUSES = frozenset({"error", "overloaded", "invalid_request"})
 KINDS = frozenset({"start", "first", "gaps", "end", "load", "state", "ratelimit"})
 # Linux accepts larger Unix datagrams, but below 64 KiB every default socket buffer takes one.
 MAX_DATAGRAM_BYTES = 60_000

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.metrics import Metrics
-from sidecar.protocol import Datagram
+from sidecar.protocol import ERROR_STATUSES, Datagram
 from sidecar.stats import RollingStats
 
 __all__ = ["KeyNames", "Recorder"]
@@ -25,7 +25,6 @@ OTHER_KEY = "other"
 # Servers report every second; this long without a report means the server is gone.
 SERVER_SILENT_SECONDS = 5.0
 _MAX_LIVE = 100_000
-_ERROR_STATUSES = frozenset({"error", "overloaded", "invalid_request"})
 
 RequestLogger = Callable[[dict[str, Any]], None]
 
@@ -209,7 +208,7 @@ class Recorder:
         elif status == "cancelled":
             m.cancelled.labels(event["cancel_reason"] or "unknown").inc()
             m.cancelled_tokens.inc(completion)
-        elif status in _ERROR_STATUSES:
+        elif status in ERROR_STATUSES:
             error_type = event["error_type"] or status
             m.errors.labels(error_type).inc()
             m.key_errors.labels(key_label, error_type).inc()

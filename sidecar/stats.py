@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.metrics import ITL_BUCKETS, TTFT_BUCKETS
+from sidecar.protocol import ERROR_STATUSES
 
 __all__ = ["RollingStats"]
 
@@ -93,7 +94,7 @@ class RollingStats:
             slot.requests += 1
             slot.prompt_tokens += prompt
             slot.completion_tokens += completion
-            if status in ("error", "overloaded", "invalid_request"):
+            if status in ERROR_STATUSES:
                 slot.errors += 1
             elif status == "rate_limited":
                 slot.rate_limited += 1

@@ -42,9 +42,7 @@ def redis_limiter(redis: RedisServer, lease_seconds: float = 30.0) -> RedisLimit
 
 
 @pytest.fixture(params=["memory", "redis"])
-def limiter_factory(
-    request: pytest.FixtureRequest, short_tmp: str
-) -> Iterator[Callable[[], Limiter]]:
+def limiter_factory(request: pytest.FixtureRequest) -> Iterator[Callable[[], Limiter]]:
     if request.param == "memory":
         yield MemoryLimiter
         return
@@ -295,3 +293,11 @@ async def test_decisions_reach_the_sidecar(
     assert samples[("llm_key_requests_total", (("key", "acme"), ("status", "rate_limited")))] == 1
     text = await sidecar_stack.metrics_text()
     assert SECRET not in text and hash_secret(SECRET) not in text
+
+
+def test_redis_credentials_never_reach_the_log():
+    from server.runner import without_credentials
+
+    assert without_credentials("redis://:s3cret@10.0.0.5:6379/0") == "redis://***@10.0.0.5:6379/0"
+    assert without_credentials("rediss://user:p@ss@host:6380") == "rediss://***@host:6380"
+    assert without_credentials("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"

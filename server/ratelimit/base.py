@@ -24,7 +24,8 @@ class Bucket:
         return self.capacity / self.window_seconds
 
 
-# Bucket name -> (key field, window). Concurrency is a count of leases, not a bucket.
+# Bucket name (also the KeyEntry field holding its limit) -> window in seconds. Concurrency is a
+# count of leases, not a bucket.
 BUCKETS = {"rpm": 60.0, "tpm": 60.0, "tpd": 86_400.0}
 
 
