@@ -211,6 +211,13 @@ async def start_synthetic_server(processes: list[Process], *args: str) -> tuple[
     return server, f"http://127.0.0.1:{port}"
 
 
+def free_port() -> int:
+    """A loopback port free right now (a process started next may bind it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @dataclass
 class RedisServer:
     port: int

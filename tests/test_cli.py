@@ -6,8 +6,7 @@ import signal
 
 import aiohttp
 
-from tests.conftest import Process, start, start_synthetic_server
-from tests.test_loki import free_port
+from tests.conftest import Process, free_port, start, start_synthetic_server
 
 
 async def test_default_serve_loads_the_bundled_model_and_stops_cleanly(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,6 +13,7 @@ from aiohttp.test_utils import TestServer
 from sidecar.loki import LokiPusher
 from sidecar.metrics import Metrics
 from sidecar.request_log import RequestLog
+from tests.conftest import free_port
 from tests.test_sidecar_events import end_event
 
 Receiver = Callable[..., Awaitable[TestServer]]
@@ -104,12 +104,6 @@ async def test_retries_5xx_and_429_then_delivers_once(aiohttp_server: Receiver):
     assert [line for _, line, _ in loki.lines] == ['{"msg": "one"}']
     retries = push.metrics.registry.get_sample_value
     assert retries("llm_sidecar_loki_pushes_total", {"result": "retry"}) == 3
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_refused_connection_is_retried_and_the_buffer_is_bounded(

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import Process, start, start_synthetic_server
-from tests.test_loki import free_port
+from tests.conftest import Process, free_port, start, start_synthetic_server
 
 STREAMS = 40
 TOKENS = 50
