@@ -6,7 +6,7 @@ from aiohttp import web
 
 from server import __version__
 from server.admission import AdmissionGate
-from server.app_keys import AUTH, OPENAPI, SERVICE, STATE
+from server.app_keys import AUTH, BODY_TIMEOUT, OPENAPI, SERVICE, STATE
 from server.auth import AuthState
 from server.config import Config
 from server.engines.base import Engine
@@ -42,6 +42,7 @@ def build_app(
         timeout_seconds=settings.queue_timeout_seconds,
     )
     app[STATE] = ServerState()
+    app[BODY_TIMEOUT] = settings.body_timeout_seconds
     app[AUTH] = AuthState(keys)
     limits = KeyAdmission(
         limiter or MemoryLimiter(),

@@ -10,9 +10,10 @@ from server.auth import AuthState
 from server.serving import GenerationService
 from server.state import ServerState
 
-__all__ = ["AUTH", "OPENAPI", "SERVICE", "STATE"]
+__all__ = ["AUTH", "BODY_TIMEOUT", "OPENAPI", "SERVICE", "STATE"]
 
 STATE = web.AppKey("state", ServerState)
 AUTH = web.AppKey("auth", AuthState)
 SERVICE = web.AppKey("service", GenerationService)
 OPENAPI = web.AppKey("openapi", dict[str, Any])
+BODY_TIMEOUT = web.AppKey("body_timeout_seconds", float)

@@ -36,6 +36,15 @@ class ServerSection(_Section):
     queue_timeout_seconds: float = Field(
         60.0, gt=0, description="How long a request may wait for a slot before a 503."
     )
+    idle_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="A connection with no complete request for this long (new, or idle between "
+        "requests) is closed; bounds slow-header clients.",
+    )
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, description="Longest time to receive a request body; slower gets a 408."
+    )
     sse_ping_seconds: float = Field(
         15.0, gt=0, description="Comment ping on a stream after this long with nothing sent."
     )

@@ -38,6 +38,7 @@ __all__ = [
     "PayloadTooLarge",
     "PermissionDenied",
     "RateLimited",
+    "RequestTimeout",
     "ServiceUnavailable",
     "Unauthorized",
     "UnsupportedMediaType",
@@ -120,6 +121,16 @@ class PayloadTooLarge(APIError):
     status = 413
     type = "invalid_request_error"
     default_code = "request_too_large"
+
+
+class RequestTimeout(APIError):
+    status = 408
+    type = "invalid_request_error"
+    default_code = "request_timeout"
+
+    def __init__(self, message: str) -> None:
+        # The rest of the body may still be on its way: the connection cannot be reused.
+        super().__init__(message, headers={"Connection": "close"})
 
 
 class UnsupportedMediaType(APIError):

@@ -10,8 +10,14 @@ from typing import TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from server.app_keys import AUTH, OPENAPI, SERVICE, STATE
-from server.errors import APIError, NotFound, UnsupportedMediaType, from_validation_error
+from server.app_keys import AUTH, BODY_TIMEOUT, OPENAPI, SERVICE, STATE
+from server.errors import (
+    APIError,
+    NotFound,
+    RequestTimeout,
+    UnsupportedMediaType,
+    from_validation_error,
+)
 from server.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from server.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -28,7 +34,14 @@ async def _read_body(request: web.Request, model: type[_Body]) -> _Body:
             f"Send the request body as JSON with Content-Type: application/json "
             f"(got {request.content_type!r})."
         )
-    raw = await request.read()
+    seconds = request.app[BODY_TIMEOUT]
+    try:
+        async with asyncio.timeout(seconds):
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestTimeout(
+            f"The request body did not arrive within {seconds:g} seconds."
+        ) from None
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:

@@ -22,6 +22,7 @@ from server.auth import is_loopback
 from server.config import Config
 from server.engines import EngineError, create_engine
 from server.engines.base import Engine, ModelInfo
+from server.http_protocol import AppRunner
 from server.keys import KeyFileError, KeyStore
 from server.ratelimit import Limiter, MemoryLimiter
 from server.ratelimit.redis_limiter import RedisLimiter, connect
@@ -55,7 +56,7 @@ async def _serve(config: Config, sidecar_args: Sequence[str]) -> int:
     if supervisor is not None:
         supervisor.start()
         log.info(
-            "sidecar: metrics, stats and status at http://%s:%d/",
+            "status page: http://%s:%d/ (the sidecar's; also /metrics and /stats)",
             config.sidecar.host,
             config.sidecar.port,
         )
@@ -147,11 +148,17 @@ async def _serve_http(
 ) -> int:
     app = build_app(engine, config, events=events, keys=keys, limiter=limiter)
     state = app[STATE]
-    # Cancel a handler when its client disconnects: that is what stops a non-streaming
-    # generation nobody will read.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
     settings = config.server
+    # Cancel a handler when its client disconnects: that is what stops a non-streaming
+    # generation nobody will read. The idle timer also runs from connection start, so a
+    # client that never completes its headers is let go too.
+    runner = AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        keepalive_timeout=settings.idle_timeout_seconds,
+    )
+    await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=1.0)
     try:
         await site.start()

@@ -15,6 +15,7 @@ import threading
 from datetime import UTC
 from typing import Any, TextIO
 
+from aiohttp.http_exceptions import HttpProcessingError
 from loguru import logger
 
 __all__ = ["close_logging", "configure_logging", "flat_record", "logger"]
@@ -39,7 +40,10 @@ def flat_record(record: Any, service: str) -> dict[str, Any]:
     if record["exception"] is not None:
         exc_type, exc, _ = record["exception"]
         line["error_type"] = getattr(exc_type, "__name__", "Exception")
-        line["error"] = str(exc)
+        # aiohttp's parser errors quote the raw request bytes, which may hold credentials.
+        line["error"] = (
+            "(request bytes withheld)" if isinstance(exc, HttpProcessingError) else str(exc)
+        )
     return line
 
 
