@@ -1,4 +1,5 @@
-"""The sidecar's HTTP side: /metrics for Prometheus, /stats for people and scripts, /health."""
+"""The sidecar's HTTP side: /metrics for Prometheus, /stats for people and scripts, / (the status
+page that draws /stats), /health."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import time
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from sidecar.access import bearer_token_middleware
 from sidecar.recorder import Recorder
+from sidecar.status_page import status_page_routes
 
 __all__ = ["RECORDER", "build_sidecar_app"]
 
@@ -24,6 +27,11 @@ async def metrics(request: web.Request) -> web.Response:
 async def stats(request: web.Request) -> web.Response:
     recorder = request.app[RECORDER]
     snapshot = recorder.stats.snapshot()
+    for name, entry in snapshot["keys"].items():
+        if name in recorder.limit_use:
+            entry["limits"] = recorder.limit_use[name]
+    snapshot["servers"] = recorder.server_states()
+    snapshot["recent_problems"] = recorder.recent.entries()
     snapshot["sidecar"] = {
         "uptime_seconds": round(time.monotonic() - request.app[STARTED], 3),
         "events_received": recorder.received,
@@ -31,6 +39,7 @@ async def stats(request: web.Request) -> web.Response:
         "events_malformed": recorder.malformed,
         "requests_finished": recorder.finished_requests,
         "servers": len(recorder.instances),
+        "servers_reporting": recorder.servers_reporting(),
     }
     return web.json_response(snapshot)
 
@@ -39,11 +48,13 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def build_sidecar_app(recorder: Recorder) -> web.Application:
-    app = web.Application()
+def build_sidecar_app(recorder: Recorder, *, token: str | None = None) -> web.Application:
+    """`token`: when set, /metrics and /stats need it as a bearer token (see sidecar.access)."""
+    app = web.Application(middlewares=[bearer_token_middleware(token)] if token else [])
     app[RECORDER] = recorder
     app[STARTED] = time.monotonic()
     app.add_routes(
         [web.get("/metrics", metrics), web.get("/stats", stats), web.get("/health", health)]
     )
+    app.add_routes(status_page_routes())
     return app

@@ -15,6 +15,7 @@ from typing import Any
 
 from sidecar.metrics import Metrics
 from sidecar.protocol import ERROR_STATUSES, Datagram
+from sidecar.request_log import RecentProblems
 from sidecar.stats import RollingStats
 
 __all__ = ["KeyNames", "Recorder"]
@@ -24,6 +25,9 @@ log = logging.getLogger("llmserve.sidecar")
 OTHER_KEY = "other"
 # Servers report every second; this long without a report means the server is gone.
 SERVER_SILENT_SECONDS = 5.0
+# Servers silent this long drop out of /stats (a restarted server is a new instance).
+SERVER_FORGET_SECONDS = 300.0
+_STATE_FIELDS = ("running", "waiting", "kv_usage", "ready", "draining")
 _MAX_LIVE = 100_000
 
 RequestLogger = Callable[[dict[str, Any]], None]
@@ -56,6 +60,16 @@ class _Instance:
     live: dict[str, tuple[str, str]] = field(default_factory=dict)
     # When it last reported its state (every second while it runs); 0 = never.
     last_state: float = 0.0
+    first_seen: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    # From its `load` and `state` events, for /stats.
+    model: str | None = None
+    engine: str | None = None
+    loaded: bool | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def reporting(self, now: float) -> bool:
+        return self.last_state > now - SERVER_SILENT_SECONDS
 
 
 def _seconds(ns: int | None) -> float:
@@ -77,6 +91,9 @@ class Recorder:
         self.keys = KeyNames(max_keys)
         self.instances: dict[str, _Instance] = {}
         self.finished_requests = 0
+        self.recent = RecentProblems()
+        # key label -> limit name -> its use at the key's last decision.
+        self.limit_use: dict[str, dict[str, dict[str, float]]] = {}
         metrics.servers_reporting.set_function(self.servers_reporting)
         self.received = 0
         self.lost = 0
@@ -84,8 +101,33 @@ class Recorder:
 
     def servers_reporting(self) -> int:
         """Servers whose state report arrived within the last few seconds."""
-        cutoff = time.monotonic() - SERVER_SILENT_SECONDS
-        return sum(1 for instance in self.instances.values() if instance.last_state > cutoff)
+        now = time.monotonic()
+        return sum(1 for instance in self.instances.values() if instance.reporting(now))
+
+    def server_states(self) -> list[dict[str, Any]]:
+        """What each server seen in the last few minutes last said, most recent first."""
+        now = time.monotonic()
+        recent = [
+            (name, instance)
+            for name, instance in self.instances.items()
+            if instance.last_seen > now - SERVER_FORGET_SECONDS
+        ]
+        recent.sort(key=lambda item: item[1].last_seen, reverse=True)
+        return [
+            {
+                "instance": name,
+                "model": instance.model,
+                "engine": instance.engine,
+                "loaded": instance.loaded,
+                "reporting": instance.reporting(now),
+                "seconds_since_report": (
+                    round(now - instance.last_state, 1) if instance.last_state else None
+                ),
+                "seen_seconds": round(now - instance.first_seen, 1),
+                **{attr: instance.state.get(attr) for attr in _STATE_FIELDS},
+            }
+            for name, instance in recent
+        ]
 
     def count_malformed(self) -> None:
         self.malformed += 1
@@ -98,6 +140,7 @@ class Recorder:
             # when it had none): count from the first event seen, not from 1.
             first = datagram.events[0]["seq"] if datagram.events else 1
             instance = self.instances[datagram.instance] = _Instance(last_seq=first - 1)
+        instance.last_seen = time.monotonic()
         # Events the server dropped from a full buffer leave a gap too; count them once, as
         # overflow, and only the rest of the gap as lost on the way.
         overflow = max(0, datagram.dropped - instance.dropped)
@@ -150,12 +193,15 @@ class Recorder:
             self._finished(event)
         elif kind == "state":
             instance.last_state = time.monotonic()
-            model = event["model"]
+            model = instance.model = event["model"]
+            instance.state = {attr: event.get(attr) for attr in _STATE_FIELDS}
             self.metrics.running.labels(model).set(event["running"])
             self.metrics.waiting.labels(model).set(event["waiting"])
             self.metrics.kv_cache_usage.labels(model).set(event["kv_usage"])
         elif kind == "load":
-            model = event["model"]
+            model = instance.model = event["model"]
+            instance.engine = event["engine"]
+            instance.loaded = bool(event["loaded"])
             self.metrics.model_loaded.labels(model, event["engine"]).set(
                 1 if event["loaded"] else 0
             )
@@ -173,11 +219,16 @@ class Recorder:
         if not event["allowed"]:
             m.key_rate_limited.labels(key, event["limit"]).inc()
         for name, (limit, remaining) in (event.get("state") or {}).items():
+            left = max(0.0, remaining)
+            utilization = min(1.0, max(0.0, 1 - remaining / limit)) if limit else 0.0
             m.key_limit.labels(key, name).set(limit)
-            m.key_limit_remaining.labels(key, name).set(max(0.0, remaining))
-            m.key_limit_utilization.labels(key, name).set(
-                min(1.0, max(0.0, 1 - remaining / limit)) if limit else 0.0
-            )
+            m.key_limit_remaining.labels(key, name).set(left)
+            m.key_limit_utilization.labels(key, name).set(utilization)
+            self.limit_use.setdefault(key, {})[name] = {
+                "limit": limit,
+                "remaining": left,
+                "utilization": round(utilization, 4),
+            }
 
     def _finished(self, event: dict[str, Any]) -> None:
         m = self.metrics
@@ -213,4 +264,5 @@ class Recorder:
             m.errors.labels(error_type).inc()
             m.key_errors.labels(key_label, error_type).inc()
         self.stats.finished(model, key, status, prompt, completion)
+        self.recent.add(event)
         self.request_logger(event)

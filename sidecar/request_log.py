@@ -1,4 +1,5 @@
-"""One JSON line per finished request: to stdout (journald), an optional file, and Loki.
+"""One JSON line per finished request: to stdout (journald), an optional file, and Loki; and the
+last few errors and cancellations kept in memory for the status page.
 
 The line carries identifiers, counts and timings only. Prompt and completion text never reach
 the sidecar, and API keys appear only as their names.
@@ -7,13 +8,31 @@ the sidecar, and API keys appear only as their names.
 from __future__ import annotations
 
 import json
+import time
+from collections import deque
 from datetime import UTC, datetime
 from typing import Any
 
 from sidecar.jsonlog import logger
 from sidecar.loki import LokiPusher
+from sidecar.protocol import ERROR_STATUSES
 
-__all__ = ["RequestLog", "request_fields"]
+__all__ = ["RecentProblems", "RequestLog", "request_fields"]
+
+# What the status page shows of a failed or cancelled request: a subset of the log line.
+_PROBLEM_FIELDS = (
+    "request_id",
+    "key",
+    "model",
+    "endpoint",
+    "status",
+    "http_status",
+    "error_type",
+    "error",
+    "cancel_reason",
+    "completion_tokens",
+    "e2e_s",
+)
 
 
 def _s(ns: int | None) -> float | None:
@@ -73,3 +92,21 @@ class RequestLog:
             }
             metadata = {"request_id": fields["request_id"], "key": fields["key"]}
             self.loki.push(json.dumps(line), level, metadata)
+
+
+class RecentProblems:
+    """A ring of the most recent errors and cancellations, newest first."""
+
+    def __init__(self, size: int = 30) -> None:
+        self._entries: deque[dict[str, Any]] = deque(maxlen=size)
+
+    def add(self, event: dict[str, Any]) -> None:
+        status = event["status"]
+        if status != "cancelled" and status not in ERROR_STATUSES:
+            return
+        fields = request_fields(event)
+        entry = {name: fields[name] for name in _PROBLEM_FIELDS}
+        self._entries.append({"ts": round(time.time(), 3), **entry})
+
+    def entries(self) -> list[dict[str, Any]]:
+        return list(reversed(self._entries))

@@ -85,7 +85,8 @@ async def _serve(settings: SidecarSettings, socket_path: str) -> int:
     except OSError as exc:
         log.error("cannot bind the event socket %s: %s", socket_path, exc)
         return 1
-    runner = web.AppRunner(build_sidecar_app(recorder), access_log=None)
+    token = settings.token.get_secret_value() if settings.token else None
+    runner = web.AppRunner(build_sidecar_app(recorder, token=token), access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.host, settings.port).start()
@@ -96,9 +97,11 @@ async def _serve(settings: SidecarSettings, socket_path: str) -> int:
         return 1
     host, port = runner.addresses[0][:2]
     log.info(
-        "sidecar listening on http://%s:%s (/metrics, /stats, /health); events on %s%s",
+        "sidecar listening on http://%s:%s (status page /, /metrics, /stats, /health%s); "
+        "events on %s%s",
         host,
         port,
+        ", token required" if token else "",
         socket_path,
         f"; pushing logs to {settings.loki_url}" if loki else "",
     )

@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 __all__ = ["SidecarSettings", "default_socket_path"]
 
@@ -41,6 +41,11 @@ class SidecarSettings(BaseModel):
     )
     host: str = Field("127.0.0.1", description="Address of /metrics, /stats and /health.")
     port: int = Field(8001, ge=0, le=65535, description="Port of /metrics, /stats and /health.")
+    # SecretStr keeps the token out of reprs and tracebacks; no constraint on it, so a
+    # validation error can never echo it either.
+    token: SecretStr | None = Field(
+        None, description="Bearer token that /metrics and /stats require (none: open)."
+    )
     buffer_events: int = Field(
         1_000_000, ge=1000, description="Events the server keeps while the sidecar is away."
     )
@@ -55,6 +60,11 @@ class SidecarSettings(BaseModel):
     loki_buffer_lines: int = Field(
         10_000, ge=100, description="Lines kept while Loki is unreachable; older ones drop."
     )
+
+    @field_validator("token")
+    @classmethod
+    def _empty_token_is_none(cls, token: SecretStr | None) -> SecretStr | None:
+        return token if token is not None and token.get_secret_value() else None
 
     def resolved_socket_path(self, server_port: int) -> str:
         return self.socket_path or default_socket_path(server_port)

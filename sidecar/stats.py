@@ -3,7 +3,8 @@
 Prometheus answers these questions with PromQL; /stats answers them without Prometheus. Time is
 cut into 10-second slots and a slot holds counters and sparse histogram counts (same bucket edges
 as /metrics), so memory follows activity and quantiles are estimated the way histogram_quantile
-does.
+does. Per model, the five-minute window also carries its TTFT and inter-token histograms, which
+the status page draws.
 """
 
 from __future__ import annotations
@@ -125,11 +126,19 @@ class RollingStats:
                     if index > now - seconds // SLOT_SECONDS:
                         total.merge(slot)
                 entry[window] = _summary(total, seconds)
+                if scope == "model" and window == "5m":
+                    entry[window]["ttft_histogram"] = _dense(total.ttft, TTFT_BUCKETS)
+                    entry[window]["inter_token_histogram"] = _dense(total.itl, ITL_BUCKETS)
             if entry["5m"]["requests"] or entry["5m"]["tokens_per_second"]:
                 out["models" if scope == "model" else "keys"][name] = entry
             elif series and series[-1][0] <= now - WINDOWS["5m"] // SLOT_SECONDS:
                 del self._series[(scope, name)]
         return out
+
+
+def _dense(histogram: dict[int, int], edges: tuple[float, ...]) -> dict[str, list[Any]]:
+    """Per-bucket (not cumulative) counts: counts[i] is (edges[i-1], edges[i]], the last +Inf."""
+    return {"edges": list(edges), "counts": [histogram.get(i, 0) for i in range(len(edges) + 1)]}
 
 
 def _summary(slot: _Slot, seconds: int) -> dict[str, Any]:
@@ -138,6 +147,7 @@ def _summary(slot: _Slot, seconds: int) -> dict[str, Any]:
 
     return {
         "requests": slot.requests,
+        "requests_per_second": round(slot.requests / seconds, 3),
         "errors": slot.errors,
         "rate_limited": slot.rate_limited,
         "cancelled": slot.cancelled,
@@ -147,6 +157,8 @@ def _summary(slot: _Slot, seconds: int) -> dict[str, Any]:
         "tokens_per_second": round(slot.generated / seconds, 3),
         "ttft_p50_seconds": rounded(quantile(slot.ttft, TTFT_BUCKETS, 0.5)),
         "ttft_p95_seconds": rounded(quantile(slot.ttft, TTFT_BUCKETS, 0.95)),
+        "ttft_p99_seconds": rounded(quantile(slot.ttft, TTFT_BUCKETS, 0.99)),
         "inter_token_p50_seconds": rounded(quantile(slot.itl, ITL_BUCKETS, 0.5)),
         "inter_token_p95_seconds": rounded(quantile(slot.itl, ITL_BUCKETS, 0.95)),
+        "inter_token_p99_seconds": rounded(quantile(slot.itl, ITL_BUCKETS, 0.99)),
     }
