@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
 __all__ = [
@@ -33,6 +33,21 @@ _MAX_STOP_LENGTH = 256
 
 def _unsupported(what: str) -> PydanticCustomError:
     return PydanticCustomError("unsupported", f"{what} is not supported by this server")
+
+
+def _whole_number(value: Any) -> Any:
+    # JSON does not tell 7 from 7.0, and JSON Schema's "integer" admits both; strict parsing
+    # would refuse the second, which some languages' encoders write.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+WholeNumber = BeforeValidator(_whole_number)
+
+
+def _only(*accepted: Any, description: str) -> WithJsonSchema:
+    """The documented schema of a parameter refused unless neutral: /openapi.json promises only
+    the values that are accepted, while the validator still names the parameter in its 400."""
+    return WithJsonSchema({"enum": [*accepted, None], "description": description})
 
 
 class _Request(BaseModel):
@@ -67,41 +82,40 @@ class _GenerationRequest(_Request):
     model: str = Field(description="The id of a model listed by GET /v1/models.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1), WholeNumber] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = Field(
         None, description="0 samples greedily."
     )
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = Field(None, description="0 or -1 disables it.")
+    top_k: Annotated[int, Field(ge=-1, le=2**31 - 1), WholeNumber] | None = Field(
+        None, description="0 or -1 disables it."
+    )
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     stop: (
-        Annotated[str, Field(max_length=_MAX_STOP_LENGTH)]
+        Annotated[str, Field(min_length=1, max_length=_MAX_STOP_LENGTH)]
         | Annotated[
-            list[Annotated[str, Field(max_length=_MAX_STOP_LENGTH)]],
+            list[Annotated[str, Field(min_length=1, max_length=_MAX_STOP_LENGTH)]],
             Field(max_length=_MAX_STOP_SEQUENCES),
         ]
         | None
     ) = None
-    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1), WholeNumber] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = Field(
         None, description="1 disables it."
     )
     user: Annotated[str, Field(max_length=256)] | None = None
-    n: Annotated[int, Field(ge=1)] | None = Field(None, description="Only 1 is supported.")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported; omit it.")
+    n: Annotated[
+        Annotated[int, Field(ge=1), WholeNumber] | None,
+        _only(1, description="Only 1 is supported."),
+    ] = None
+    logit_bias: Annotated[
+        dict[str, float] | None, _only({}, description="Not supported; omit it.")
+    ] = None
     ignore_eos: bool = Field(
         False, description="Keep generating past end-of-sequence tokens (for benchmarks)."
     )
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_not_empty(cls, value: str | list[str] | None) -> str | list[str] | None:
-        items = [value] if isinstance(value, str) else value or []
-        if any(not s for s in items):
-            raise PydanticCustomError("empty_stop", "stop sequences must not be empty")
-        return value
 
     @field_validator("n")
     @classmethod
@@ -133,13 +147,23 @@ class ResponseFormat(_Request):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: bool | None = Field(None, description="Not supported; omit it or send false.")
-    top_logprobs: int | None = Field(None, description="Not supported; omit it.")
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported; omit it.")
-    tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none'.")
-    functions: list[dict[str, Any]] | None = Field(None, description="Not supported; omit it.")
-    function_call: str | dict[str, Any] | None = Field(None, description="Only 'none'.")
+    max_completion_tokens: Annotated[int, Field(ge=1), WholeNumber] | None = None
+    logprobs: Annotated[
+        bool | None, _only(False, description="Not supported; omit it or send false.")
+    ] = None
+    top_logprobs: Annotated[int | None, _only(description="Not supported; omit it.")] = None
+    tools: Annotated[
+        list[dict[str, Any]] | None, _only([], description="Not supported; omit it.")
+    ] = None
+    tool_choice: Annotated[
+        str | dict[str, Any] | None, _only("none", description="Only 'none'.")
+    ] = None
+    functions: Annotated[
+        list[dict[str, Any]] | None, _only([], description="Not supported; omit it.")
+    ] = None
+    function_call: Annotated[
+        str | dict[str, Any] | None, _only("none", description="Only 'none'.")
+    ] = None
     response_format: ResponseFormat | None = None
 
     @field_validator("logprobs")
@@ -175,22 +199,26 @@ class ChatCompletionRequest(_GenerationRequest):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[str] | list[int] = Field(
-        description="A string, a list with one string, or a list of token ids."
-    )
-    echo: bool | None = Field(None, description="Not supported; omit it or send false.")
-    suffix: str | None = Field(None, description="Not supported; omit it.")
-    best_of: int | None = Field(None, description="Only 1 is supported.")
-    logprobs: int | None = Field(None, description="Not supported; omit it.")
+    prompt: (
+        str
+        # maxItems documents the one-prompt rule that _one_prompt enforces with a clearer 400.
+        | Annotated[list[str], Field(min_length=1, json_schema_extra={"maxItems": 1})]
+        | Annotated[list[Annotated[int, WholeNumber]], Field(min_length=1)]
+    ) = Field(description="A string, a list with one string, or a list of token ids.")
+    echo: Annotated[
+        bool | None, _only(False, description="Not supported; omit it or send false.")
+    ] = None
+    suffix: Annotated[str | None, _only("", description="Not supported; omit it.")] = None
+    best_of: Annotated[
+        Annotated[int, WholeNumber] | None, _only(1, description="Only 1 is supported.")
+    ] = None
+    logprobs: Annotated[int | None, _only(description="Not supported; omit it.")] = None
 
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, value: str | list[str] | list[int]) -> str | list[str] | list[int]:
-        if isinstance(value, list):
-            if not value:
-                raise PydanticCustomError("empty_prompt", "prompt must not be empty")
-            if isinstance(value[0], str) and len(value) > 1:
-                raise _unsupported("a batch of several prompts in one request")
+        if isinstance(value, list) and isinstance(value[0], str) and len(value) > 1:
+            raise _unsupported("a batch of several prompts in one request")
         return value
 
     @field_validator("echo")
