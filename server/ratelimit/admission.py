@@ -9,7 +9,7 @@ import time
 
 from server.errors import RateLimited, ServiceUnavailable
 from server.keys import KeyEntry
-from server.ratelimit.base import Decision, Limiter, LimiterUnavailable
+from server.ratelimit.base import Decision, Limiter, LimiterUnavailable, Reservation
 from sidecar.client import EventSender
 
 __all__ = ["KeyAdmission"]
@@ -52,26 +52,33 @@ class KeyAdmission:
         if decision is None or decision.reservation is None:
             return
         task = asyncio.get_running_loop().create_task(
-            self.limiter.finish(decision.reservation, used_tokens)
+            self._reconcile(decision.reservation, used_tokens)
         )
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
+
+    async def _reconcile(self, reservation: Reservation, used_tokens: int) -> None:
+        try:
+            await self.limiter.finish(reservation, used_tokens)
+        except LimiterUnavailable as exc:
+            # The lease lapses by itself; the refund is lost, which only errs on the strict side.
+            self._warn(f"could not reconcile a reservation ({exc}); its lease will lapse")
+
+    def _warn(self, message: str) -> None:
+        """Count a backend failure; log at most one line per interval, however many fail."""
+        self.backend_errors += 1
+        now = time.monotonic()
+        if now - self._warned_at >= _WARN_EVERY_SECONDS:
+            self._warned_at = now
+            log.warning("%s (%d errors so far)", message, self.backend_errors)
 
     async def close(self) -> None:
         await asyncio.gather(*self._finishing, return_exceptions=True)
         await self.limiter.close()
 
     def _unavailable(self, key: KeyEntry, request_id: str, exc: LimiterUnavailable) -> None:
-        self.backend_errors += 1
-        now = time.monotonic()
-        if now - self._warned_at >= _WARN_EVERY_SECONDS:
-            self._warned_at = now
-            log.warning(
-                "rate limiter unavailable (%s); %s (%d errors so far)",
-                exc,
-                "admitting requests unchecked" if self.fail_open else "refusing requests",
-                self.backend_errors,
-            )
+        policy = "admitting requests unchecked" if self.fail_open else "refusing requests"
+        self._warn(f"rate limiter unavailable ({exc}); {policy}")
         if self.events is not None:
             self.events.emit(
                 "ratelimit",

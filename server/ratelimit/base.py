@@ -108,7 +108,9 @@ class Limiter(abc.ABC):
 
     @abc.abstractmethod
     async def finish(self, reservation: Reservation, used_tokens: int) -> None:
-        """Refund unused reserved tokens (or charge more) and end the concurrency lease."""
+        """Refund unused reserved tokens (or charge more) and end the concurrency lease.
+
+        Raises LimiterUnavailable if the shared store cannot be reached."""
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -189,11 +189,7 @@ class RedisLimiter(Limiter):
         for b in buckets:
             args += [b.capacity, int(b.window_seconds * 1000)]
         keys = [_key(key.name, b.name) for b in buckets] + [_key(key.name, "leases")]
-        try:
-            await self._call(self._finish, keys, args)
-        except LimiterUnavailable as exc:
-            # The lease lapses by itself; the refund is lost, which only errs on the strict side.
-            log.warning("could not reconcile a reservation of key %s: %s", key.name, exc)
+        await self._call(self._finish, keys, args)
 
     def _ensure_renewer(self) -> None:
         if self._renewer is None or self._renewer.done():
