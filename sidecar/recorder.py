@@ -1,4 +1,5 @@
-"""Apply decoded events to the metrics, the rolling stats and the request log.
+"""Apply decoded events to the metrics, the rolling stats and the request log, and keep what
+/stats adds for the status page: each server's last state, each key's limit use, recent problems.
 
 Sequence numbers are checked per server instance: a gap is counted as lost events, a repeat is
 ignored, so a restarted sidecar or a resent datagram never counts a request twice. Per-key series

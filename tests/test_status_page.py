@@ -401,6 +401,24 @@ async def test_status_page_under_load(stack: Stack, browser: Browser) -> None:
     assert await shown(page, "sidecar_health") == "unreachable"
 
 
+async def test_serve_prints_the_page_address(processes: list[Process], short_tmp: str) -> None:
+    port = free_port()
+    server, _ = await start_synthetic_server(
+        processes,
+        *("--sidecar-port", str(port), "--sidecar-socket-path", f"{short_tmp}/events.sock"),
+    )
+    url = (await server.wait_for_line(r"status page: (http://\S+/)"))[1]
+    assert url == f"http://127.0.0.1:{port}/"
+    await wait_for_health(url)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url) as response:
+            assert response.status == 200
+            assert response.content_type == "text/html"
+            assert "<title>llmserve status</title>" in await response.text()
+    server.proc.send_signal(signal.SIGTERM)
+    assert await server.finish() == 0
+
+
 async def test_token_guards_stats_and_metrics_and_the_page_asks_for_it(
     processes: list[Process], short_tmp: str, browser: Browser
 ) -> None:
