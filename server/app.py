@@ -50,7 +50,12 @@ def build_app(
         events=events,
     )
     app[SERVICE] = GenerationService(
-        engine, gate, limits, ping_seconds=settings.sse_ping_seconds, events=events
+        engine,
+        gate,
+        limits,
+        ping_seconds=settings.sse_ping_seconds,
+        send_timeout_seconds=settings.send_timeout_seconds,
+        events=events,
     )
 
     async def close_limits(_: web.Application) -> None:

@@ -45,6 +45,12 @@ class ServerSection(_Section):
     body_timeout_seconds: float = Field(
         30.0, gt=0, description="Longest time to receive a request body; slower gets a 408."
     )
+    send_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="A stream whose client reads nothing for this long is dropped, freeing its "
+        "engine slot.",
+    )
     sse_ping_seconds: float = Field(
         15.0, gt=0, description="Comment ping on a stream after this long with nothing sent."
     )

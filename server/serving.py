@@ -38,7 +38,7 @@ from server.errors import (
 from server.keys import KeyEntry
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.ratelimit.admission import KeyAdmission
-from server.sse import EventStream
+from server.sse import ClientStalled, EventStream
 from server.telemetry import RequestTelemetry
 from sidecar.client import EventSender
 
@@ -74,12 +74,14 @@ class GenerationService:
         limits: KeyAdmission,
         *,
         ping_seconds: float,
+        send_timeout_seconds: float,
         events: EventSender | None = None,
     ) -> None:
         self.engine = engine
         self.gate = gate
         self.limits = limits
         self.ping_seconds = ping_seconds
+        self.send_timeout_seconds = send_timeout_seconds
         self.events = events
 
     def telemetry(self, request_id: str, endpoint: str, received_ns: int) -> RequestTelemetry:
@@ -263,7 +265,12 @@ class GenerationService:
         telemetry: RequestTelemetry,
     ) -> web.StreamResponse:
         fmt = prepared.format
-        events = EventStream(request, ping_seconds=self.ping_seconds, headers=headers)
+        events = EventStream(
+            request,
+            ping_seconds=self.ping_seconds,
+            send_timeout_seconds=self.send_timeout_seconds,
+            headers=headers,
+        )
         await events.open()
         try:
             async with self.engine.start(prepared.generation) as generation:
@@ -283,6 +290,8 @@ class GenerationService:
                 await events.send(json.dumps(_in_stream_error(completion)))
                 _report_failure(telemetry, completion, 200)
             await events.send("[DONE]")
+        except ClientStalled:
+            telemetry.finished("cancelled", 200, cancel_reason="client_stalled")
         except ConnectionError:
             # The client went away mid-write; leaving the engine block cancelled the work.
             _report_disconnect(telemetry)

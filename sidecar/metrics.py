@@ -244,7 +244,7 @@ class Metrics:
         )
         self.cancelled = Counter(
             "llm_requests_cancelled",
-            "Requests stopped early, by reason: client_disconnect, timeout, shutdown.",
+            "Requests stopped early, by reason: client_disconnect, client_stalled, shutdown.",
             ("reason",),
             registry=reg,
         )

@@ -12,9 +12,9 @@ Event kinds and their fields (durations are nanoseconds, from the server's monot
 - `first`: rid, ttft_ns (request received to first content byte written)
 - `gaps`: rid, gaps_us (inter-token gaps in microseconds, in order)
 - `end`: rid, key, model, endpoint, stream, status (ok, error, cancelled, rate_limited),
-  http_status, finish_reason, error_type, error, cancel_reason (client_disconnect, timeout,
-  shutdown), prompt_tokens, completion_tokens, cached_tokens, e2e_ns, ttft_ns, queue_ns,
-  prefill_ns, decode_ns, gen_ns (first to last token as the client saw them)
+  http_status, finish_reason, error_type, error, cancel_reason (client_disconnect,
+  client_stalled, shutdown), prompt_tokens, completion_tokens, cached_tokens, e2e_ns, ttft_ns,
+  queue_ns, prefill_ns, decode_ns, gen_ns (first to last token as the client saw them)
 - `load`: model, engine, source, load_s, memory_bytes, loaded
 - `state`: model, running, waiting, kv_usage, ready, draining
 - `ratelimit`: rid, key, limit, allowed

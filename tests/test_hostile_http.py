@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -150,3 +151,32 @@ async def test_the_sidecars_log_withholds_malformed_request_bytes(short_tmp: str
         log, _ = await sidecar.communicate()
     assert b"request bytes withheld" in log
     assert SECRET.encode() not in log
+
+
+async def test_a_client_that_stops_reading_gives_up_its_slot(processes: list[Process]):
+    _, base = await start_synthetic_server(
+        processes,
+        *("--synthetic-parallel", "1", "--synthetic-token-interval-seconds", "0"),
+        *("--synthetic-context-length", "1000000", "--synthetic-completion-tokens", "900000"),
+        *("--server-send-timeout-seconds", "1", "--sidecar-spawn", "false"),
+    )
+    port = int(base.rsplit(":", 1)[1])
+    body = json.dumps(
+        {"model": "synthetic", "prompt": "x", "max_tokens": 900000, "stream": True}
+    ).encode()
+    # A tiny receive window and no reads: the server's writes back up within a second.
+    _, writer = await asyncio.open_connection("127.0.0.1", port, limit=1024)
+    writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    writer.write(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    await writer.drain()
+    try:
+        # The only slot is the stalled stream's; the next request gets it once that is dropped.
+        async with aiohttp.ClientSession() as session:
+            small = {"model": "synthetic", "prompt": "x", "max_tokens": 2}
+            async with session.post(f"{base}/v1/completions", json=small) as response:
+                assert response.status == 200
+    finally:
+        writer.close()
