@@ -1,5 +1,9 @@
 """Tell the sidecar what the server is doing: model loads, and every second the running and
-waiting counts, KV cache use and readiness, which events about single requests cannot carry."""
+waiting counts, KV cache use and readiness, which events about single requests cannot carry.
+
+The load event is repeated every second too: a sidecar restarted after the model loaded would
+otherwise never learn which model and engine it serves, and report the model as not loaded.
+"""
 
 from __future__ import annotations
 
@@ -25,8 +29,10 @@ class StateReporter:
         self.gate = gate
         self.state = state
         self._task: asyncio.Task[None] | None = None
+        self._load: tuple[ModelInfo, bool] | None = None
 
     def loaded(self, info: ModelInfo, *, loaded: bool = True) -> None:
+        self._load = (info, loaded)
         if self.events is None:
             return
         self.events.emit(
@@ -59,6 +65,9 @@ class StateReporter:
     async def _tick(self) -> None:
         while True:
             self.report()
+            if self._load is not None:
+                info, loaded = self._load
+                self.loaded(info, loaded=loaded)
             await asyncio.sleep(_INTERVAL_SECONDS)
 
     async def stop(self, info: ModelInfo) -> None:

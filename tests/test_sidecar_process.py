@@ -93,6 +93,11 @@ async def test_kill_9_of_the_sidecar_loses_no_request(short_tmp: str, processes:
         await asyncio.sleep(0.05)
     assert sorted(logged_request_ids(log_file)) == request_ids
     assert await sidecar_metric(sidecar_port, "llm_sidecar_events_lost_total") == 0
+    # The new sidecar never saw the model load, yet knows the model is loaded.
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{sidecar_port}/metrics") as response:
+            metrics = await response.text()
+    assert 'llm_model_loaded{engine="synthetic",model="synthetic"} 1.0' in metrics
 
     server.proc.send_signal(signal.SIGTERM)
     assert await server.finish() == 0
