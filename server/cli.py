@@ -1,4 +1,5 @@
-"""The `llmserve` command: `serve` runs the server and its sidecar, `sidecar` the sidecar alone.
+"""The `llmserve` command: `serve` runs the server and its sidecar, `sidecar` the sidecar alone,
+`keys` manages API keys and `bench` load-tests any OpenAI-compatible server.
 
 Every configuration field is also a flag, named after its dotted path (`server.port` is
 `--server-port`), with short aliases for the ones people type most.
@@ -11,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from bench.cli import add_bench_parser, run_bench
 from server import __version__
 from server.config import ENV_PREFIX, ConfigError, field_names, flag, load_config
 from server.keys_cli import add_keys_parser, run_keys_command
@@ -40,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_config_flags(sidecar)
     add_keys_parser(commands)
+    add_bench_parser(commands)
     return parser
 
 
@@ -63,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(["serve", *(argv if argv is not None else sys.argv[1:])])
     if args.command == "keys":
         return _keys(args)
+    if args.command == "bench":
+        return run_bench(args)
     overrides = {
         dotted: value for dotted, value in vars(args).items() if "." in dotted and value is not None
     }
