@@ -49,6 +49,12 @@ def add_bench_parser(commands: Any) -> None:
         help="let generations stop at end-of-sequence (default: ask for exactly --max-tokens)",
     )
     bench.add_argument("--timeout", type=float, default=600, help="seconds per request")
+    bench.add_argument(
+        "--ramp-seconds",
+        type=float,
+        default=0.0,
+        help="start each level's streams evenly over this time (for thousands of streams)",
+    )
     bench.add_argument("--warmup", type=int, default=1, help="requests sent first, not counted")
     bench.add_argument("--json", type=Path, help="write the results here")
     bench.add_argument("--chart", type=Path, help="write a PNG chart here (needs matplotlib)")
@@ -94,7 +100,9 @@ async def _sweep(args: argparse.Namespace, levels: list[int]) -> int:
     for level in levels:
         count = args.requests or max(8, 4 * level)
         bar = _ProgressBar(f"concurrency {level}", count)
-        outcome, wall = await run_level(target, level, count, bar.advance)
+        outcome, wall = await run_level(
+            target, level, count, bar.advance, ramp_seconds=args.ramp_seconds
+        )
         bar.close()
         results.append(summarize(level, outcome, wall))
     print(table(results))

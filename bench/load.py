@@ -131,20 +131,31 @@ async def _one(session: aiohttp.ClientSession, target: Target, index: int) -> Re
 
 
 async def run_level(
-    target: Target, concurrency: int, requests: int, on_done: Callable[[], None]
+    target: Target,
+    concurrency: int,
+    requests: int,
+    on_done: Callable[[], None],
+    *,
+    ramp_seconds: float = 0.0,
 ) -> tuple[list[RequestResult], float]:
-    """Send `requests` streams with `concurrency` in flight; results and the wall time."""
+    """Send `requests` streams with `concurrency` in flight; results and the wall time.
+
+    With `ramp_seconds`, the workers start evenly over that time instead of all at once, so
+    thousands of connections do not arrive in one burst and overflow the listen backlog."""
     timeout = aiohttp.ClientTimeout(total=target.timeout_seconds)
     connector = aiohttp.TCPConnector(limit=0)
     counter = iter(range(requests))
     results: list[RequestResult] = []
 
-    async def worker(session: aiohttp.ClientSession) -> None:
+    workers = min(concurrency, requests)
+
+    async def worker(session: aiohttp.ClientSession, number: int) -> None:
+        await asyncio.sleep(ramp_seconds * number / workers)
         for index in counter:
             results.append(await _one(session, target, index))
             on_done()
 
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         started = time.perf_counter()
-        await asyncio.gather(*(worker(session) for _ in range(min(concurrency, requests))))
+        await asyncio.gather(*(worker(session, number) for number in range(workers)))
         return results, time.perf_counter() - started

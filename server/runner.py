@@ -159,7 +159,8 @@ async def _serve_http(
         keepalive_timeout=settings.idle_timeout_seconds,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=1.0)
+    # A backlog of 2048 (aiohttp's default is 128) absorbs bursts of new streams, as uvicorn's does.
+    site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=1.0, backlog=2048)
     try:
         await site.start()
     except OSError as exc:
