@@ -4,6 +4,7 @@ timed record of every response as the client saw it."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ _TEXT = (
     "bright jars of pickled plums under an amber sky near the old harbour wall"
 )
 _WORDS = _TEXT.split()
+_SENT = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,12 @@ class Target:
             f"{self.base_url}/v1/{'chat/completions' if self.endpoint == 'chat' else 'completions'}"
         )
 
-    def body(self, index: int) -> dict[str, Any]:
-        # A different first word per request, so no server can answer from a prompt cache.
-        words = [str(index), *(_WORDS[i % len(_WORDS)] for i in range(self.prompt_words - 1))]
+    def body(self) -> dict[str, Any]:
+        # A first word never sent before in this process (warm-up, levels and runs included),
+        # so no server answers from a cache of an earlier identical prompt. What follows the
+        # server's own fixed prefix (a default system prompt) must still be computed.
+        unique = next(_SENT)
+        words = [str(unique), *(_WORDS[i % len(_WORDS)] for i in range(self.prompt_words - 1))]
         prompt = " ".join(words)
         body: dict[str, Any] = {
             "model": self.model,
@@ -96,12 +101,12 @@ def _content(chunk: dict[str, Any]) -> tuple[str, str | None]:
     return text, choice.get("finish_reason")
 
 
-async def _one(session: aiohttp.ClientSession, target: Target, index: int) -> RequestResult:
+async def _one(session: aiohttp.ClientSession, target: Target) -> RequestResult:
     result = RequestResult(started=time.perf_counter())
     saw_finish = saw_done = False
     try:
         async with session.post(
-            target.url(), json=target.body(index), headers=target.headers()
+            target.url(), json=target.body(), headers=target.headers()
         ) as response:
             result.status = response.status
             if response.status != 200:
@@ -143,7 +148,9 @@ async def run_level(
     With `ramp_seconds`, the workers start evenly over that time instead of all at once, so
     thousands of connections do not arrive in one burst and overflow the listen backlog."""
     timeout = aiohttp.ClientTimeout(total=target.timeout_seconds)
-    connector = aiohttp.TCPConnector(limit=0)
+    # A fresh connection per request: servers differ in when they close kept-alive ones, and a
+    # request written to a connection the server just closed would count as its error.
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     counter = iter(range(requests))
     results: list[RequestResult] = []
 
@@ -151,8 +158,8 @@ async def run_level(
 
     async def worker(session: aiohttp.ClientSession, number: int) -> None:
         await asyncio.sleep(ramp_seconds * number / workers)
-        for index in counter:
-            results.append(await _one(session, target, index))
+        for _ in counter:
+            results.append(await _one(session, target))
             on_done()
 
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:

@@ -42,6 +42,7 @@ _spec = importlib.util.spec_from_file_location(
 )
 assert _spec is not None and _spec.loader is not None
 serving_overhead = importlib.util.module_from_spec(_spec)
+sys.modules["serving_overhead"] = serving_overhead  # dataclasses look their module up there
 _spec.loader.exec_module(serving_overhead)
 
 
@@ -138,7 +139,7 @@ class InProcess:
 
     async def start(self) -> None:
         await self.engine.load()
-        text = self.engine.chat_template.render(self.target.body(0)["messages"])
+        text = self.engine.chat_template.render(self.target.body()["messages"])
         self.tokens = self.engine.tokenize(text, add_special=True)
 
     async def level(self, concurrency: int, requests: int) -> dict[str, Any]:

@@ -1,0 +1,160 @@
+"""/metrics with 10,000 active API keys: how long a scrape takes, how big it is, and the
+sidecar's memory.
+
+A real `llmserve sidecar` receives, through the server's own event sender, what 10,000 customers
+would cause: for each key a rate-limit decision from the real per-key admission (so every key
+has its limit gauges) and a finished streaming request (so every key has its usage counters).
+Then /metrics and /stats are fetched several times and timed.
+
+    .venv/bin/python scripts/benchmarks/key_cardinality.py --json docs/benchmarks/keys.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from server.engines.base import Completion
+from server.keys import KeyEntry
+from server.ratelimit import MemoryLimiter
+from server.ratelimit.admission import KeyAdmission
+from server.telemetry import RequestTelemetry
+from sidecar.client import EventSender
+
+
+def progress(message: str) -> None:
+    print(f"[keys] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    current, peak = (
+        int(re.search(rf"{field}:\s+(\d+) kB", status)[1]) / 1024  # type: ignore[index]
+        for field in ("VmRSS", "VmHWM")
+    )
+    return round(current, 1), round(peak, 1)
+
+
+async def customers(sender: EventSender, keys: int) -> None:
+    admission = KeyAdmission(MemoryLimiter(), fail_open=True, events=sender)
+    for i in range(keys):
+        entry = KeyEntry(name=f"customer-{i:05d}", sha256="0" * 64, rpm=600, tpm=100_000)
+        rid = f"bench-{i}"
+        decision = await admission.admit(entry, 120, rid)
+        telemetry = RequestTelemetry(
+            sender,
+            request_id=rid,
+            key=entry.name,
+            model="bench-model",
+            endpoint="chat",
+            received_ns=time.monotonic_ns(),
+        )
+        telemetry.started(stream=True, prompt_tokens=20, queue_ns=1000)
+        for _ in range(10):
+            telemetry.written(1)
+        telemetry.finished("ok", 200, completion=Completion("length", 20, 10))
+        admission.finish(decision, 30)
+        if i % 200 == 0:
+            # Let the sender flush: the sidecar reads as fast as we write.
+            await asyncio.sleep(0.01)
+
+
+async def finished_requests(session: aiohttp.ClientSession, base: str) -> int:
+    async with session.get(f"{base}/stats") as response:
+        return int((await response.json())["sidecar"]["requests_finished"])
+
+
+async def timed_get(session: aiohttp.ClientSession, url: str) -> tuple[float, int]:
+    started = time.perf_counter()
+    async with session.get(url) as response:
+        body = await response.read()
+    return time.perf_counter() - started, len(body)
+
+
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    work = tempfile.mkdtemp(prefix="llms-keys-")
+    port = free_port()
+    socket_path = f"{work}/ev.sock"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVE_")}
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "server.cli", "sidecar", "--sidecar-port", str(port)),
+        *("--sidecar-socket-path", socket_path, "--sidecar-max-keys", str(args.keys)),
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                try:
+                    await finished_requests(session, base)
+                    break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.05)
+            idle_rss = rss_mb(proc.pid)
+            sender = EventSender(socket_path, max_buffered=1_000_000)
+            progress(f"{args.keys} keys: one limit decision and one request each")
+            await customers(sender, args.keys)
+            for _ in range(600):
+                if await finished_requests(session, base) >= args.keys:
+                    break
+                await asyncio.sleep(0.2)
+            sender.close()
+            metrics = [await timed_get(session, f"{base}/metrics") for _ in range(args.scrapes)]
+            stats = [await timed_get(session, f"{base}/stats") for _ in range(args.scrapes)]
+            async with session.get(f"{base}/metrics") as response:
+                text = await response.text()
+            loaded_rss = rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        await proc.wait()
+    keys_seen = len(set(re.findall(r'key="(customer-\d+)"', text)))
+    return {
+        "keys": args.keys,
+        "keys_in_metrics": keys_seen,
+        "series": sum(1 for line in text.splitlines() if line and not line.startswith("#")),
+        "metrics_bytes": metrics[0][1],
+        "metrics_seconds_median": round(statistics.median(t for t, _ in metrics), 3),
+        "metrics_seconds_max": round(max(t for t, _ in metrics), 3),
+        "stats_seconds_median": round(statistics.median(t for t, _ in stats), 3),
+        "stats_bytes": stats[0][1],
+        "sidecar_rss_mb_idle": idle_rss[0],
+        "sidecar_rss_mb_with_keys": loaded_rss[0],
+        "sidecar_rss_mb_peak": loaded_rss[1],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keys", type=int, default=10_000)
+    parser.add_argument("--scrapes", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    report = asyncio.run(measure(args))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
