@@ -61,7 +61,9 @@ class ServerSection(_Section):
 
 
 class EngineSection(_Section):
-    kind: Literal["llamacpp", "synthetic"] = Field("llamacpp", description="Which engine runs.")
+    kind: Literal["llamacpp", "exllamav2", "synthetic"] = Field(
+        "llamacpp", description="Which engine runs."
+    )
     model_id: str | None = Field(
         None, description="Model id served in /v1/models (default: the model file's name)."
     )
@@ -79,6 +81,47 @@ class LlamaCppSection(_Section):
         512, ge=16, le=65536, description="Tokens per decode call (prompt chunk size)."
     )
     threads: int = Field(0, ge=0, le=1024, description="CPU threads (0 = all cores).")
+
+
+class ExLlamaV2Section(_Section):
+    model_dir: str | None = Field(
+        None, description="Model directory (EXL2 or FP16 Hugging Face layout); required."
+    )
+    max_seq_len: int | None = Field(
+        None, ge=256, description="Context tokens per request (default: the model's own)."
+    )
+    cache_type: Literal["fp16", "q4", "q6", "q8"] = Field(
+        "fp16", description="KV cache precision; Q4/Q6/Q8 hold more tokens in the same VRAM."
+    )
+    cache_tokens: int | None = Field(
+        None,
+        ge=256,
+        multiple_of=256,
+        description="KV cache size in tokens, shared by all requests at once; a multiple of 256 "
+        "(default: max_seq_len, enough for one full-length request).",
+    )
+    gpu_split: str = Field(
+        "auto",
+        pattern=r"^(auto|\d+(\.\d+)?(,\d+(\.\d+)?)*)$",
+        description='"auto" fills GPUs in turn, or GB of weights per GPU, e.g. "20,24".',
+    )
+    autosplit_reserve_mb: int | None = Field(
+        None, ge=0, description="With gpu_split auto: VRAM (MB) left free on each GPU."
+    )
+    chunk_tokens: int = Field(
+        2048,
+        ge=256,
+        multiple_of=256,
+        description="Prompt tokens read per forward pass (bounds the pause a new prompt "
+        "causes other streams); a multiple of 256.",
+    )
+    max_batch_size: int | None = Field(
+        None, ge=1, description="Requests generated at once (default: chunk_tokens / 8)."
+    )
+    draft_model_dir: str | None = Field(
+        None, description="Small model of the same family for speculative decoding."
+    )
+    draft_tokens: int = Field(4, ge=1, le=8, description="Tokens the draft model proposes.")
 
 
 class SyntheticSection(_Section):
@@ -122,6 +165,7 @@ class Config(_Section):
     server: ServerSection = ServerSection()
     engine: EngineSection = EngineSection()
     llamacpp: LlamaCppSection = LlamaCppSection()
+    exllamav2: ExLlamaV2Section = ExLlamaV2Section()
     synthetic: SyntheticSection = SyntheticSection()
     auth: AuthSection = AuthSection()
     ratelimit: RateLimitSection = RateLimitSection()

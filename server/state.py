@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from server.errors import ServiceUnavailable
@@ -20,6 +21,8 @@ class ServerState:
     loaded: bool = False
     draining: bool = False
     in_flight: int = 0
+    # The engine's own health: it may be rebuilding after a fault while loaded.
+    engine_healthy: Callable[[], bool] = lambda: True
     started_at: float = field(default_factory=time.time)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -30,7 +33,9 @@ class ServerState:
     def status(self) -> str:
         if self.draining:
             return "draining"
-        return "ready" if self.loaded else "loading"
+        if not self.loaded:
+            return "loading"
+        return "ready" if self.engine_healthy() else "recovering"
 
     def check_accepting(self) -> None:
         """Raise a 503 unless a new generation may start now."""
@@ -43,6 +48,12 @@ class ServerState:
         if not self.loaded:
             raise ServiceUnavailable(
                 "The model is still loading.", code="model_loading", headers={"Retry-After": "5"}
+            )
+        if not self.engine_healthy():
+            raise ServiceUnavailable(
+                "The engine is recovering from a fault.",
+                code="engine_recovering",
+                headers={"Retry-After": "5"},
             )
 
     def enter(self) -> None:

@@ -27,6 +27,10 @@ def create_engine(config: Config) -> Engine:
             token_interval_seconds=synthetic.token_interval_seconds,
             completion_tokens=synthetic.completion_tokens,
         )
+    if kind == "exllamav2":
+        from server.engines.exllamav2 import ExLlamaV2Engine
+
+        return ExLlamaV2Engine(config.exllamav2, model_id=config.engine.model_id)
     from server.engines.llamacpp import LlamaCppEngine
     from server.model_files import ModelNotFound, bundled_gguf
 

@@ -209,6 +209,11 @@ class Engine(abc.ABC):
     def cancelled_total(self) -> int:
         """Sequences stopped by cancellation since load."""
 
+    @property
+    def healthy(self) -> bool:
+        """False while the engine recovers from a fault (readiness is 503 meanwhile)."""
+        return True
+
     def kv_usage(self) -> float:
         """Share of the KV cache in use (0-1); engines without one report 0."""
         return 0.0
