@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -84,6 +85,39 @@ async def llama_server(serve: ServerFactory, llama_engine: Engine) -> TestServer
 def synthetic_engine(**settings: str) -> Engine:
     overrides = {"engine.kind": "synthetic", **{f"synthetic.{k}": v for k, v in settings.items()}}
     return create_engine(make_config(**overrides))
+
+
+ExLlamaV2Factory = Callable[..., Awaitable[Engine]]
+
+
+@pytest.fixture
+async def exllamav2_double(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> AsyncIterator[ExLlamaV2Factory]:
+    """exllamav2_double(script=None, context=1024, **exllamav2_settings) -> a loaded ExLlamaV2
+    engine over tests/exllamav2_double, the stand-in for the GPU library (no GPU here)."""
+    from tests import exllamav2_double as double
+    from tests.exllamav2_double.model_dir import write_model_dir
+
+    double.install(monkeypatch)
+    engines: list[Engine] = []
+
+    async def make(*, script: str | None = None, context: int = 1024, **settings: object) -> Engine:
+        model_dir = write_model_dir(
+            tmp_path / f"model{len(engines)}", script=script, context=context
+        )
+        overrides = {f"exllamav2.{name}": str(value) for name, value in settings.items()}
+        config = make_config(
+            **{"engine.kind": "exllamav2", "exllamav2.model_dir": str(model_dir), **overrides}
+        )
+        engine = create_engine(config)
+        engines.append(engine)
+        await engine.load()
+        return engine
+
+    yield make
+    for engine in engines:
+        await engine.close()
 
 
 @pytest.fixture

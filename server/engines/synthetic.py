@@ -133,6 +133,8 @@ class SyntheticEngine(Engine):
             reason = "cancelled"
         end = now_ns()
         first_ns = first_ns or end
+        # Not active any more once the reader can see the result (the done callback runs later).
+        self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
         stream.deliver(
             Completion(
                 finish_reason=reason,
