@@ -18,11 +18,12 @@ from server.engines.base import Completion
 __all__ = ["ChatFormat", "CompletionFormat", "ResponseFormat"]
 
 
-def _usage(completion: Completion) -> dict[str, int]:
+def _usage(completion: Completion) -> dict[str, Any]:
     return {
         "prompt_tokens": completion.prompt_tokens,
         "completion_tokens": completion.completion_tokens,
         "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": completion.cached_tokens},
     }
 
 

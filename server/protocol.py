@@ -257,10 +257,15 @@ class CompletionRequest(_GenerationRequest):
 # Responses: documented in /openapi.json and used by tests to check what the handlers send.
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="Prompt tokens read from the prefix cache.")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class _Response(BaseModel):

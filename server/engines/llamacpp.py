@@ -3,7 +3,12 @@
 Every decode step puts one token from each generating sequence, plus a chunk of any prompt still
 being read, into a single `llama_decode` call, so eight streams cost far less than eight times
 one. New requests join at the next step and finished or cancelled ones leave at once; one
-request never interrupts or truncates another. ctypes releases the GIL during the C calls, so the
+request never interrupts or truncates another.
+
+A finished sequence's KV cache stays in its slot. A new request goes to the free slot whose
+cached tokens share the longest prefix with its prompt, and only the rest of the prompt is read:
+a shared system prompt, or a conversation that comes back with one more turn, costs nothing the
+second time (reported as `cached_tokens`). ctypes releases the GIL during the C calls, so the
 event loop keeps serving while the worker computes.
 """
 
@@ -57,6 +62,9 @@ class _Sequence:
     first_token_ns: int = 0
     cancel_requested: bool = False
     pending_ids: list[int] = field(default_factory=list)
+    # Every token fed to llama_decode for this sequence, in position order: what its KV holds.
+    kv_tokens: list[int] = field(default_factory=list)
+    cached: int = 0
 
     @property
     def prompt(self) -> Sequence[int]:
@@ -93,6 +101,7 @@ class LlamaCppEngine(Engine):
         self._pending: deque[_Sequence] = deque()
         self._active: list[_Sequence] = []
         self._free_slots: list[int] = []
+        self._slot_tokens: dict[int, list[int]] = {}
         self._closing = False
         self._worker: threading.Thread | None = None
         self._cancelled_total = 0
@@ -268,11 +277,30 @@ class LlamaCppEngine(Engine):
                 self._cancelled_total += 1
                 out.append((seq.stream, self._completion(seq, "cancelled")))
                 continue
-            seq.slot = self._free_slots.pop()
+            self._take_slot(model, seq)
             seq.sampler = model.new_sampler(seq.request.params)
             seq.started_ns = now_ns()
             # Rows ordered by sequence id let llama.cpp split a batch into few micro-batches.
             bisect.insort(self._active, seq, key=lambda s: s.slot)
+
+    def _take_slot(self, model: LlamaModel, seq: _Sequence) -> None:
+        """The free slot whose cache shares the longest prefix with the prompt; keep that part."""
+        prompt = seq.prompt
+        best, shared = self._free_slots[-1], 0
+        for slot in self._free_slots:
+            common = _common_prefix(self._slot_tokens.get(slot, ()), prompt)
+            if common > shared:
+                best, shared = slot, common
+        self._free_slots.remove(best)
+        seq.slot = best
+        # The last prompt token is always read again: its logits give the first new token.
+        shared = min(shared, len(prompt) - 1)
+        if shared > 0 and model.forget_sequence_from(best, shared):
+            seq.prefilled = seq.cached = shared
+            seq.kv_tokens = list(prompt[:shared])
+        else:
+            model.forget_sequence(best)
+        self._slot_tokens.pop(best, None)
 
     def _decode_step(self, model: LlamaModel, out: _Delivery) -> None:
         rows: list[tuple[int, int, int, bool]] = []
@@ -282,6 +310,7 @@ class LlamaCppEngine(Engine):
                 position = len(seq.prompt) + seq.generated - 1
                 sampling.append((seq, len(rows)))
                 rows.append((seq.last_token, position, seq.slot, True))
+                seq.kv_tokens.append(seq.last_token)
         budget = model.batch_capacity - len(rows)
         for seq in self._active:
             if budget <= 0:
@@ -294,6 +323,7 @@ class LlamaCppEngine(Engine):
                 last = len(chunk) - 1
                 for i, token in enumerate(chunk):
                     rows.append((token, start + i, seq.slot, i == last and not seq.in_prefill))
+                seq.kv_tokens.extend(chunk)
                 if not seq.in_prefill:
                     sampling.append((seq, len(rows) - 1))
         status = model.decode(rows)
@@ -345,8 +375,9 @@ class LlamaCppEngine(Engine):
             if tail:
                 self._emit(seq, tail, now_ns(), out)
         self._active.remove(seq)
-        model.forget_sequence(seq.slot)
         model.free_sampler(seq.sampler)
+        if error is None:
+            self._slot_tokens[seq.slot] = seq.kv_tokens
         self._free_slots.append(seq.slot)
         out.append((seq.stream, self._completion(seq, reason, error)))
 
@@ -355,6 +386,7 @@ class LlamaCppEngine(Engine):
         for seq in list(self._active):
             self._finish(model, seq, "error", out, message)
         model.forget_all()
+        self._slot_tokens.clear()
 
     def _finish_everything(self, reason: FinishReason) -> None:
         out: _Delivery = []
@@ -377,8 +409,17 @@ class LlamaCppEngine(Engine):
             finish_reason=reason,
             prompt_tokens=len(seq.prompt),
             completion_tokens=seq.generated,
+            cached_tokens=seq.cached,
             queue_ns=started - seq.submitted_ns,
             prefill_ns=first - started,
             decode_ns=end - first,
             error=error,
         )
+
+
+def _common_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:
+    n = min(len(cached), len(prompt))
+    for i in range(n):
+        if cached[i] != prompt[i]:
+            return i
+    return n

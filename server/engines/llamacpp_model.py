@@ -255,6 +255,10 @@ class LlamaModel:
     def forget_sequence(self, seq: int) -> None:
         self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
 
+    def forget_sequence_from(self, seq: int, position: int) -> bool:
+        """Drop a sequence's cache from `position` on; False if this model cannot (recurrent)."""
+        return bool(self.lib.llama_memory_seq_rm(self.memory, seq, position, -1))
+
     def forget_all(self) -> None:
         self.lib.llama_memory_clear(self.memory, True)
 
