@@ -78,13 +78,15 @@ async def test_max_tokens_is_honoured(engine: Engine):
 
 async def test_cancel_mid_stream_frees_the_sequence_and_is_idempotent(engine: Engine):
     cancelled = engine.cancelled_total
-    params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
-    stream = engine.start(GenerationRequest("c", prompt(engine), params))
+    tokens = prompt(engine)
+    room = engine.check_fits(len(tokens), None, "prompt")
+    params = SamplingParams(max_tokens=room, temperature=0, ignore_eos=True)
+    stream = engine.start(GenerationRequest("c", tokens, params))
     async for _ in stream:
         stream.cancel()
     assert stream.completion is not None
     assert stream.completion.finish_reason == "cancelled"
-    assert stream.completion.completion_tokens < 200
+    assert stream.completion.completion_tokens < room
     assert engine.active_sequences == 0
     assert engine.cancelled_total == cancelled + 1
     stream.cancel()

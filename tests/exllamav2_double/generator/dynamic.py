@@ -70,6 +70,8 @@ def partial_strings_match(text: str, strings: list[str]) -> int:
 
 
 class ExLlamaV2DynamicGenerator:
+    # A forward pass takes time and releases the GIL (CUDA work); so does the double's.
+    seconds_per_iteration: ClassVar[float] = 0.0005
     fail_after_iterations: ClassVar[int | None] = None
     failure: ClassVar[BaseException] = RuntimeError("CUDA error: an illegal memory access")
     construction_gate: ClassVar[threading.Event | None] = None
@@ -215,6 +217,7 @@ class ExLlamaV2DynamicGenerator:
                 raise cls.failure
         # exllamav2/generator/dynamic.py:979-1005: start jobs, one prefill round each, then one
         # generation step for every job whose prefill is done (also one finished just now).
+        time.sleep(cls.seconds_per_iteration)
         results: list[dict[str, Any]] = []
         self.iterate_start_jobs(results)
         for job in self.active_jobs:
