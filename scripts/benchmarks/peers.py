@@ -80,17 +80,20 @@ def commands(args: argparse.Namespace, model: Path) -> dict[str, list[str]]:
 
 
 class Server:
-    def __init__(self, name: str, command: list[str]) -> None:
+    def __init__(self, name: str, template: list[str]) -> None:
         self.name = name
-        self.port = free_port()
-        self.command = [
-            part.replace("{port}", str(self.port)).replace("{port2}", str(free_port()))
-            for part in command
-        ]
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.template = template
+        self.command: list[str] = []
+        self.base = ""
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
+        port = free_port()
+        self.command = [
+            part.replace("{port}", str(port)).replace("{port2}", str(free_port()))
+            for part in self.template
+        ]
+        self.base = f"http://127.0.0.1:{port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVE_")}
         self.proc = await asyncio.create_subprocess_exec(
             *self.command,
@@ -193,31 +196,42 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     )
     servers = [Server(name, cmd) for name, cmd in commands(args, model).items()]
     in_process = InProcess(args, template)
+    hung: dict[str, int] = {}
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {
         name: {level: [] for level in args.concurrency}
         for name in [in_process.name, *(s.name for s in servers)]
     }
-    for server in servers:
-        progress(f"starting {server.name}")
-        await server.start()
     await in_process.start()
     try:
-        targets = {
-            s.name: Target(**{**template.__dict__, "base_url": s.base, "model": s.model})
-            for s in servers
-        }
-        for target in targets.values():
-            await run_level(target, 1, 1, lambda: None)
         for round_index in range(args.rounds):
+            # Fresh servers each round: state one keeps between requests (prompt caches held in
+            # RAM, say) cannot build up over the run, and a server that hangs costs one round.
+            for server in servers:
+                await server.start()
+            targets = {
+                s.name: Target(**{**template.__dict__, "base_url": s.base, "model": s.model})
+                for s in servers
+            }
+            for target in targets.values():
+                await run_level(target, 1, 1, lambda: None)
             for level in args.concurrency:
                 requests = level * args.requests_per_slot
                 order = list(targets.items())
                 order = order[round_index % len(order) :] + order[: round_index % len(order)]
                 for name, target in order:
-                    results, wall = await run_level(target, level, requests, lambda: None)
+                    try:
+                        results, wall = await asyncio.wait_for(
+                            run_level(target, level, requests, lambda: None), args.level_timeout
+                        )
+                    except TimeoutError:
+                        progress(f"{name} did not finish concurrency {level} in time")
+                        hung[name] = hung.get(name, 0) + 1
+                        continue
                     runs[name][level].append(summarize(level, results, wall))
                 runs[in_process.name][level].append(await in_process.level(level, requests))
                 progress(f"round {round_index + 1}/{args.rounds}, concurrency {level}: done")
+            for server in servers:
+                await server.stop()
     finally:
         for server in servers:
             await server.stop()
@@ -238,10 +252,13 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         },
         "commands": {s.name: s.command for s in servers},
         "results": {
-            name: [median_by_throughput(levels[level]) for level in args.concurrency]
+            name: [
+                median_by_throughput(levels[level]) for level in args.concurrency if levels[level]
+            ]
             for name, levels in runs.items()
         },
         "rounds": runs,
+        "levels_not_finished": hung,
     }
 
 
@@ -251,6 +268,7 @@ def main() -> None:
         "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8]
     )
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--level-timeout", type=float, default=300, help="seconds per level")
     parser.add_argument("--requests-per-slot", type=int, default=3)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
