@@ -15,6 +15,8 @@ from sidecar.status_page import status_page_routes
 __all__ = ["RECORDER", "build_sidecar_app"]
 
 RECORDER = web.AppKey("recorder", Recorder)
+# The status page shows 50; a scrape of every key's summaries is a 9 MB answer at 10,000 keys.
+DEFAULT_STATS_KEYS = 100
 STARTED = web.AppKey("started", float)
 
 
@@ -25,8 +27,16 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
+    """?keys=N (default 100): the N busiest keys of the last 5 minutes; ?keys=all: all."""
     recorder = request.app[RECORDER]
-    snapshot = recorder.stats.snapshot()
+    wanted = request.query.get("keys", str(DEFAULT_STATS_KEYS))
+    if wanted != "all" and not (wanted.isdigit() and int(wanted) > 0):
+        raise web.HTTPBadRequest(
+            text='{"error": {"message": "keys must be a positive number or \'all\'", '
+            '"type": "invalid_request_error", "param": "keys", "code": "invalid_value"}}',
+            content_type="application/json",
+        )
+    snapshot = recorder.stats.snapshot(None if wanted == "all" else int(wanted))
     for name, entry in snapshot["keys"].items():
         if name in recorder.limit_use:
             entry["limits"] = recorder.limit_use[name]

@@ -115,10 +115,28 @@ class RollingStats:
             for bucket, n in bucket_counts.items():
                 itl[bucket] = itl.get(bucket, 0) + n
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, max_keys: int | None = None) -> dict[str, Any]:
+        """Models, and the `max_keys` keys with the most requests in 5 minutes (None: all)."""
         now = int(self._clock() // SLOT_SECONDS)
+        recent = now - WINDOWS["5m"] // SLOT_SECONDS
         out: dict[str, Any] = {"models": {}, "keys": {}}
-        for (scope, name), series in list(self._series.items()):
+        series_items = list(self._series.items())
+        if max_keys is not None:
+            # Rank keys by a cheap count first: summaries for 10,000 keys would cost ~0.3 s.
+            # Keys left out are pruned here when idle, as the loop below prunes the rest.
+            keys = []
+            for item in series_items:
+                (scope, name), series = item
+                if scope != "key":
+                    continue
+                if series and series[-1][0] <= recent:
+                    del self._series[(scope, name)]
+                    continue
+                keys.append((sum(slot.requests for i, slot in series if i > recent), item))
+            keys.sort(key=lambda ranked: -ranked[0])
+            series_items = [item for item in series_items if item[0][0] == "model"]
+            series_items += [item for _, item in keys[:max_keys]]
+        for (scope, name), series in series_items:
             entry = {}
             for window, seconds in WINDOWS.items():
                 total = _Slot()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import aiohttp
 import pytest
 
 from sidecar.client import EventSender
@@ -131,3 +132,29 @@ def test_quantiles_interpolate_like_histogram_quantile():
     # 10 observations in (0.1, 0.2]: the median is halfway through that bucket.
     assert quantile({1: 10}, edges, 0.5) == pytest.approx(0.15)
     assert quantile({0: 5, 3: 5}, edges, 0.95) == 0.4
+
+
+async def test_stats_lists_the_busiest_keys_unless_asked_for_all(sidecar_stack: SidecarStack):
+    # Keys make 1 to 7 requests each, and k140 to k149 ten more: they are the ten busiest.
+    events, seq = [], 0
+    for number in range(150):
+        for _ in range(1 + number % 7 + (number >= 140) * 10):
+            seq += 1
+            events.append(end_event(seq, f"r{seq}", key=f"k{number:03d}"))
+    for start in range(0, len(events), 100):
+        sidecar_stack.recorder.handle(
+            decode_datagram(datagram("instance", 0, events[start : start + 100]))
+        )
+    url = sidecar_stack.http.make_url("/stats")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url) as response:
+            default = (await response.json())["keys"]
+        async with session.get(url, params={"keys": "all"}) as response:
+            every = (await response.json())["keys"]
+        async with session.get(url, params={"keys": "10"}) as response:
+            top = (await response.json())["keys"]
+        async with session.get(url, params={"keys": "-1"}) as response:
+            assert response.status == 400
+            assert (await response.json())["error"]["param"] == "keys"
+    assert (len(default), len(every)) == (100, 150)
+    assert set(top) == {f"k{number}" for number in range(140, 150)}
