@@ -42,7 +42,7 @@ class ExLlamaV2CacheBase:
             self.allocate()
 
     def bytes_per_token_per_layer(self) -> int:
-        # exllamav2/cache.py:61-67 shapes: K and V of heads * head_dim elements, plus fp16
+        # exllamav2/cache.py:66-69 shapes: K and V of heads * head_dim elements, plus fp16
         # scales per 32 elements for the Q caches.
         elements = self.num_key_value_heads * self.head_dim
         k, v = self.weights_per_element

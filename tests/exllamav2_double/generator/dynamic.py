@@ -102,7 +102,7 @@ class ExLlamaV2DynamicGenerator:
         cfg = model.config
         self.model, self.cache, self.tokenizer = model, cache, tokenizer
         self.draft_model, self.draft_cache = draft_model, draft_cache
-        # exllamav2/generator/dynamic.py:333-349
+        # exllamav2/generator/dynamic.py:338-352
         if draft_model or use_ngram_draft:
             assert num_draft_tokens <= max_q_size, (
                 "num_draft_tokens cannot be larger than max_q_size."
@@ -454,7 +454,7 @@ class ExLlamaV2DynamicJob:
         last = len(self.sequence_ids) - 1
         progress = 0
         if not generator.paged and self.kv_position == 0:
-            # 2426-2438: unpaged, the single page's previous tokens count as cached.
+            # 2418-2431: unpaged, the single page's previous tokens count as cached.
             page = generator.all_pages[0]
             limit = min(page.kv_position_revert, last)
             match = next(
@@ -466,7 +466,7 @@ class ExLlamaV2DynamicJob:
         start = self.kv_position
         end = start + generator.max_chunk_size
         if generator.paged:
-            end = (end // page_size) * page_size  # 2341-2343
+            end = (end // page_size) * page_size  # 2344-2347
         end = min(end, last)
         if end > start:
             self.kv_position = end
