@@ -138,12 +138,14 @@ class InProcess:
         }
         self.engine = create_engine(load_config(environ={}, overrides=overrides))
         self.target = target
-        self.tokens: list[int] = []
 
     async def start(self) -> None:
         await self.engine.load()
+
+    def prompt(self) -> list[int]:
+        """The client's prompt, new each time like the servers', so no prefix cache answers it."""
         text = self.engine.chat_template.render(self.target.body()["messages"])
-        self.tokens = self.engine.tokenize(text, add_special=True)
+        return self.engine.tokenize(text, add_special=True)
 
     async def level(self, concurrency: int, requests: int) -> dict[str, Any]:
         started = time.perf_counter()
@@ -153,7 +155,7 @@ class InProcess:
             timings += await asyncio.gather(
                 *(
                     serving_overhead.in_process_stream(
-                        self.engine, self.tokens, self.target.max_tokens
+                        self.engine, self.prompt(), self.target.max_tokens
                     )
                     for _ in range(batch)
                 )
