@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from sidecar.access import bearer_token_middleware
 from sidecar.recorder import Recorder
@@ -21,8 +21,7 @@ STARTED = web.AppKey("started", float)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    registry = request.app[RECORDER].metrics.registry
-    body = generate_latest(registry)
+    body = await request.app[RECORDER].metrics.registry.exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

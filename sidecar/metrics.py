@@ -8,7 +8,6 @@ thresholds. docs/metrics.md describes every metric here.
 from __future__ import annotations
 
 from prometheus_client import (
-    CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
@@ -17,6 +16,7 @@ from prometheus_client import (
 )
 
 from sidecar.bulk_histogram import BulkHistogram
+from sidecar.key_metrics import KeyCounter, KeyGauge, MetricsRegistry
 
 __all__ = ["ITL_BUCKETS", "LATENCY_BUCKETS", "RATE_BUCKETS", "TTFT_BUCKETS", "Metrics"]
 
@@ -142,8 +142,8 @@ TOKEN_BUCKETS = (
 class Metrics:
     """The sidecar's metric objects; a fresh registry per instance keeps tests independent."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = reg = registry or CollectorRegistry()
+    def __init__(self, registry: MetricsRegistry | None = None) -> None:
+        self.registry = reg = registry or MetricsRegistry()
         # process_* (CPU, memory, start time, open files) of the sidecar itself.
         ProcessCollector(registry=reg)
         m = ("model",)
@@ -285,38 +285,40 @@ class Metrics:
             "llm_model_memory_bytes", "Memory the model weights take.", m, registry=reg
         )
 
+        # One series per API key name and label, tens of thousands at full `max_keys`: these
+        # families are sidecar.key_metrics' own, which render fast and without blocking ingestion.
         k = ("key",)
-        self.key_requests = Counter(
+        self.key_requests = KeyCounter(
             "llm_key_requests",
             "Finished requests per API key name, by status.",
             ("key", "status"),
             registry=reg,
         )
-        self.key_prompt_tokens = Counter(
+        self.key_prompt_tokens = KeyCounter(
             "llm_key_prompt_tokens", "Prompt tokens per API key name.", k, registry=reg
         )
-        self.key_generation_tokens = Counter(
+        self.key_generation_tokens = KeyCounter(
             "llm_key_generation_tokens", "Generated tokens per API key name.", k, registry=reg
         )
-        self.key_rate_limited = Counter(
+        self.key_rate_limited = KeyCounter(
             "llm_key_rate_limited",
             "Requests refused by a per-key limit, by limit.",
             ("key", "limit"),
             registry=reg,
         )
-        self.key_limit = Gauge(
+        self.key_limit = KeyGauge(
             "llm_key_rate_limit",
             "A key's limit: requests or tokens per bucket (rpm, tpm, tpd).",
             ("key", "limit"),
             registry=reg,
         )
-        self.key_limit_remaining = Gauge(
+        self.key_limit_remaining = KeyGauge(
             "llm_key_rate_limit_remaining",
             "What the key's bucket held after its last decision.",
             ("key", "limit"),
             registry=reg,
         )
-        self.key_limit_utilization = Gauge(
+        self.key_limit_utilization = KeyGauge(
             "llm_key_rate_limit_utilization_ratio",
             "Share of the key's bucket in use after its last decision (0-1).",
             ("key", "limit"),
@@ -328,7 +330,7 @@ class Metrics:
             ("outcome",),
             registry=reg,
         )
-        self.key_errors = Counter(
+        self.key_errors = KeyCounter(
             "llm_key_errors",
             "Failed requests per API key name, by error type.",
             ("key", "type"),

@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestServer
 from server.app_keys import SERVICE, STATE
 from server.state_reporter import StateReporter
 from tests.conftest import ServerFactory, SidecarStack, synthetic_engine
+from tests.test_metrics_exposition import promtool_check
 
 MODEL = "synthetic"
 TOKENS = 10
@@ -151,17 +152,7 @@ async def test_metrics_parse_and_pass_promtool(serve: ServerFactory, sidecar_sta
     server = await paced_server(serve, sidecar_stack)
     await stream_once(server)
     await sidecar_stack.wait_finished(1)
-    text = await sidecar_stack.metrics_text()
-    promtool = await asyncio.create_subprocess_exec(
-        "promtool",
-        "check",
-        "metrics",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await asyncio.wait_for(promtool.communicate(text.encode()), 30)
-    assert promtool.returncode == 0, output.decode()
+    await promtool_check(await sidecar_stack.metrics_text())
 
 
 @pytest.mark.parametrize("stream", [True, False])

@@ -4,7 +4,9 @@ sidecar's memory.
 A real `llmserve sidecar` receives, through the server's own event sender, what 10,000 customers
 would cause: for each key a rate-limit decision from the real per-key admission (so every key
 has its limit gauges) and a finished streaming request (so every key has its usage counters).
-Then /metrics and /stats are fetched several times and timed.
+Then /metrics and /stats are fetched several times and timed. Then every key makes one more
+request and /metrics is fetched once more while /health is polled: the slowest /health answer
+is how long a scrape stops the sidecar's event loop, and so its event ingestion, at a stretch.
 
     .venv/bin/python scripts/benchmarks/key_cardinality.py --json docs/benchmarks/keys.json
 """
@@ -53,11 +55,10 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return round(current, 1), round(peak, 1)
 
 
-async def customers(sender: EventSender, keys: int) -> None:
-    admission = KeyAdmission(MemoryLimiter(), fail_open=True, events=sender)
+async def customers(sender: EventSender, admission: KeyAdmission, keys: int, round_: int) -> None:
     for i in range(keys):
         entry = KeyEntry(name=f"customer-{i:05d}", sha256="0" * 64, rpm=600, tpm=100_000)
-        rid = f"bench-{i}"
+        rid = f"bench-{round_}-{i}"
         decision = await admission.admit(entry, 120, rid)
         telemetry = RequestTelemetry(
             sender,
@@ -89,6 +90,23 @@ async def timed_get(session: aiohttp.ClientSession, url: str) -> tuple[float, in
     return time.perf_counter() - started, len(body)
 
 
+async def all_finished(session: aiohttp.ClientSession, base: str, count: int) -> None:
+    for _ in range(600):
+        if await finished_requests(session, base) >= count:
+            return
+        await asyncio.sleep(0.2)
+
+
+async def longest_health_during_scrape(session: aiohttp.ClientSession, base: str) -> float:
+    scrape = asyncio.create_task(timed_get(session, f"{base}/metrics"))
+    longest = 0.0
+    while not scrape.done():
+        seconds, _ = await timed_get(session, f"{base}/health")
+        longest = max(longest, seconds)
+    await scrape
+    return longest
+
+
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     work = tempfile.mkdtemp(prefix="llms-keys-")
     port = free_port()
@@ -112,15 +130,17 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                     await asyncio.sleep(0.05)
             idle_rss = rss_mb(proc.pid)
             sender = EventSender(socket_path, max_buffered=1_000_000)
+            admission = KeyAdmission(MemoryLimiter(), fail_open=True, events=sender)
             progress(f"{args.keys} keys: one limit decision and one request each")
-            await customers(sender, args.keys)
-            for _ in range(600):
-                if await finished_requests(session, base) >= args.keys:
-                    break
-                await asyncio.sleep(0.2)
-            sender.close()
+            await customers(sender, admission, args.keys, 1)
+            await all_finished(session, base, args.keys)
             metrics = [await timed_get(session, f"{base}/metrics") for _ in range(args.scrapes)]
             stats = [await timed_get(session, f"{base}/stats") for _ in range(args.scrapes)]
+            progress("every key again, then a scrape while /health is polled")
+            await customers(sender, admission, args.keys, 2)
+            await all_finished(session, base, 2 * args.keys)
+            sender.close()
+            health_max = await longest_health_during_scrape(session, base)
             async with session.get(f"{base}/metrics") as response:
                 text = await response.text()
             loaded_rss = rss_mb(proc.pid)
@@ -133,8 +153,11 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "keys_in_metrics": keys_seen,
         "series": sum(1 for line in text.splitlines() if line and not line.startswith("#")),
         "metrics_bytes": metrics[0][1],
+        # The first scrape after the keys arrived: every series is new since the last one.
+        "metrics_seconds_first": round(metrics[0][0], 3),
         "metrics_seconds_median": round(statistics.median(t for t, _ in metrics), 3),
         "metrics_seconds_max": round(max(t for t, _ in metrics), 3),
+        "health_seconds_max_during_metrics": round(health_max, 3),
         "stats_seconds_median": round(statistics.median(t for t, _ in stats), 3),
         "stats_bytes": stats[0][1],
         "sidecar_rss_mb_idle": idle_rss[0],
