@@ -23,7 +23,6 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from server.chat_template import CHATML_TEMPLATE, ChatTemplate
 from server.engines.base import (
@@ -40,6 +39,7 @@ from server.engines.base import (
     now_ns,
 )
 from server.engines.llamacpp_model import ContextShape, LlamaModel
+from server.engines.llamacpp_sampling import TokenSampler
 from server.engines.text_output import TextAssembler
 
 log = logging.getLogger("llmserve.engine")
@@ -53,8 +53,8 @@ class _Sequence:
     stream: GenerationStream
     submitted_ns: int
     assembler: TextAssembler
+    sampler: TokenSampler
     slot: int = -1
-    sampler: Any = None
     prefilled: int = 0
     generated: int = 0
     last_token: int = -1
@@ -224,7 +224,8 @@ class LlamaCppEngine(Engine):
         self._require_model()
         holder: list[_Sequence] = []
         stream = GenerationStream(cancel=lambda: self._cancel(holder[0]))
-        seq = _Sequence(request, stream, now_ns(), TextAssembler(request.params.stop))
+        params = request.params
+        seq = _Sequence(request, stream, now_ns(), TextAssembler(params.stop), TokenSampler(params))
         holder.append(seq)
         with self._lock:
             if self._closing:
@@ -278,7 +279,6 @@ class LlamaCppEngine(Engine):
                 out.append((seq.stream, self._completion(seq, "cancelled")))
                 continue
             self._take_slot(model, seq)
-            seq.sampler = model.new_sampler(seq.request.params)
             seq.started_ns = now_ns()
             # Rows ordered by sequence id let llama.cpp split a batch into few micro-batches.
             bisect.insort(self._active, seq, key=lambda s: s.slot)
@@ -332,7 +332,8 @@ class LlamaCppEngine(Engine):
             return
         stamp = now_ns()
         for seq, index in sampling:
-            self._advance(model, seq, model.sample(seq.sampler, index), stamp, out)
+            token = seq.sampler.sample(model.logits(index))
+            self._advance(model, seq, token, stamp, out)
 
     def _advance(
         self, model: LlamaModel, seq: _Sequence, token: int, stamp: int, out: _Delivery
@@ -375,7 +376,6 @@ class LlamaCppEngine(Engine):
             if tail:
                 self._emit(seq, tail, now_ns(), out)
         self._active.remove(seq)
-        model.free_sampler(seq.sampler)
         if error is None:
             self._slot_tokens[seq.slot] = seq.kv_tokens
         self._free_slots.append(seq.slot)

@@ -2,7 +2,7 @@
 
 llama-cpp-python's high-level `Llama` class decodes one sequence at a time; serving many streams
 at once needs the C API's multi-sequence batches. This module owns the model, the context, the
-batch buffer and per-sequence sampler chains, and nothing about scheduling.
+batch buffer and the logits each decode leaves, and nothing about scheduling or sampling.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from server.engines.base import EngineError, SamplingParams
+import numpy as np
+
+from server.engines.base import EngineError
 
 log = logging.getLogger("llmserve.llamacpp")
 
@@ -187,49 +189,15 @@ class LlamaModel:
     def is_end_of_generation(self, token: int) -> bool:
         return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
 
-    # sampling -------------------------------------------------------------------------------
+    # logits -------------------------------------------------------------------------------
 
-    def new_sampler(self, params: SamplingParams) -> Any:
-        lib = self.lib
-        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-
-        def add(sampler: Any) -> None:
-            lib.llama_sampler_chain_add(chain, sampler)
-
-        penalised = (
-            params.repetition_penalty != 1.0
-            or params.frequency_penalty != 0.0
-            or params.presence_penalty != 0.0
-        )
-        if penalised:
-            add(
-                lib.llama_sampler_init_penalties(
-                    self.n_vocab,
-                    params.max_tokens,
-                    params.repetition_penalty,
-                    params.frequency_penalty,
-                    params.presence_penalty,
-                )
-            )
-        if params.temperature == 0.0:
-            add(lib.llama_sampler_init_greedy())
-            return chain
-        if params.top_k > 0:
-            add(lib.llama_sampler_init_top_k(params.top_k))
-        if params.top_p < 1.0:
-            add(lib.llama_sampler_init_top_p(params.top_p, 1))
-        if params.min_p > 0.0:
-            add(lib.llama_sampler_init_min_p(params.min_p, 1))
-        add(lib.llama_sampler_init_temp(params.temperature))
-        seed = lib.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
-        add(lib.llama_sampler_init_dist(seed))
-        return chain
-
-    def free_sampler(self, sampler: Any) -> None:
-        self.lib.llama_sampler_free(sampler)
-
-    def sample(self, sampler: Any, output_index: int) -> int:
-        return int(self.lib.llama_sampler_sample(sampler, self.ctx, output_index))
+    def logits(self, row: int) -> np.ndarray:
+        """The logits the last decode computed for batch row `row`, read in place: valid until
+        the next decode, and never to be written."""
+        pointer = self.lib.llama_get_logits_ith(self.ctx, row)
+        if not pointer:
+            raise EngineError(f"llama.cpp holds no logits for batch row {row}")
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
 
     # decoding -------------------------------------------------------------------------------
 
