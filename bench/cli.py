@@ -48,6 +48,9 @@ def add_bench_parser(commands: Any) -> None:
         action="store_false",
         help="let generations stop at end-of-sequence (default: ask for exactly --max-tokens)",
     )
+    bench.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (default: greedy)"
+    )
     bench.add_argument("--timeout", type=float, default=600, help="seconds per request")
     bench.add_argument(
         "--ramp-seconds",
@@ -92,6 +95,7 @@ async def _sweep(args: argparse.Namespace, levels: list[int]) -> int:
         max_tokens=args.max_tokens,
         ignore_eos=args.ignore_eos,
         timeout_seconds=args.timeout,
+        temperature=args.temperature,
     )
     _say(f"{base} model {model}: {args.prompt_words}-word prompts, {args.max_tokens} tokens each")
     if args.warmup:
@@ -114,6 +118,7 @@ async def _sweep(args: argparse.Namespace, levels: list[int]) -> int:
         "prompt_words": args.prompt_words,
         "max_tokens": args.max_tokens,
         "ignore_eos": args.ignore_eos,
+        "temperature": args.temperature,
         "levels": results,
     }
     if args.json:

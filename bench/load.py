@@ -34,6 +34,8 @@ class Target:
     max_tokens: int
     ignore_eos: bool
     timeout_seconds: float
+    # 0 is greedy; 1 is what OpenAI's API and client assume when a request names none.
+    temperature: float = 0.0
 
     def url(self) -> str:
         return (
@@ -51,7 +53,7 @@ class Target:
             "model": self.model,
             "stream": True,
             "max_tokens": self.max_tokens,
-            "temperature": 0,
+            "temperature": self.temperature,
             "stream_options": {"include_usage": True},
         }
         if self.ignore_eos:

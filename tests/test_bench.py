@@ -45,11 +45,13 @@ async def test_a_sweep_reports_every_level_and_writes_json_and_a_chart(
     code, out, err = await bench(
         *("--url", f"{base}/v1", "--concurrency", "1,4", "--requests", "8"),
         *("--max-tokens", str(TOKENS), "--json", str(results), "--chart", str(chart)),
+        *("--temperature", "0.7"),
     )
     assert code == 0, err
     assert "concurrency 4" in err and "8/8" in err
     run = json.loads(results.read_text())
     assert run["model"] == "synthetic" and run["url"] == base
+    assert run["temperature"] == 0.7
     for level, expected in zip(run["levels"], (1, 4), strict=True):
         assert level["concurrency"] == expected
         assert (level["ok"], level["errors"], level["truncated"]) == (8, 0, 0)

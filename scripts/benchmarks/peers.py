@@ -155,7 +155,7 @@ class InProcess:
             timings += await asyncio.gather(
                 *(
                     serving_overhead.in_process_stream(
-                        self.engine, self.prompt(), self.target.max_tokens
+                        self.engine, self.prompt(), self.target.max_tokens, self.target.temperature
                     )
                     for _ in range(batch)
                 )
@@ -195,8 +195,13 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         max_tokens=args.max_tokens,
         ignore_eos=True,
         timeout_seconds=600,
+        temperature=args.temperature,
     )
-    servers = [Server(name, cmd) for name, cmd in commands(args, model).items()]
+    servers = [
+        Server(name, cmd)
+        for name, cmd in commands(args, model).items()
+        if not args.only or name in args.only
+    ]
     in_process = InProcess(args, template)
     hung: dict[str, int] = {}
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {
@@ -247,6 +252,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             "context_per_slot": args.context,
             "prompt_words": args.prompt_words,
             "max_tokens": args.max_tokens,
+            "temperature": args.temperature,
             "rounds": args.rounds,
             "requests_per_level": {
                 level: level * args.requests_per_slot for level in args.concurrency
@@ -277,6 +283,13 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--prompt-words", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument(
+        "--only",
+        type=lambda s: s.split(","),
+        default=[],
+        help="servers to run, by name, comma-separated (default: all; the engine always runs)",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--chart", type=Path)
     args = parser.parse_args()

@@ -56,8 +56,10 @@ def timing(start: float, stamps: list[float], tokens: int) -> StreamTiming:
     return StreamTiming(stamps[0] - start, decode, tokens, stamps[-1] - start)
 
 
-async def in_process_stream(engine: Engine, tokens: list[int], max_tokens: int) -> StreamTiming:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+async def in_process_stream(
+    engine: Engine, tokens: list[int], max_tokens: int, temperature: float = 0.0
+) -> StreamTiming:
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=True)
     start = time.perf_counter()
     stamps: list[float] = []
     async with engine.start(GenerationRequest("bench", tokens, params)) as stream:
