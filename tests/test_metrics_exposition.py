@@ -5,9 +5,11 @@ event loop free to ingest events while it renders."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import socket
 from typing import Any
 
+import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -158,3 +160,24 @@ async def test_events_are_ingested_while_metrics_render(sidecar_stack: SidecarSt
     text = (await sidecar_stack.recorder.metrics.registry.exposition()).decode()
     assert sidecar_stack.finished[-1]["rid"] == "late"
     assert text.count("llm_key_requests_total{") == 100
+
+
+async def test_metrics_are_gzipped_for_a_scraper_that_asks(sidecar_stack: SidecarStack):
+    events = key_events(100)
+    await send_raw(sidecar_stack.socket_path, datagram("gzip", 0, events))
+    await sidecar_stack.wait_finished(100)
+    plain = await sidecar_stack.metrics_text()
+    url = sidecar_stack.http.make_url("/metrics")
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        # Prometheus' scraper asks for exactly this.
+        async with session.get(url, headers={"Accept-Encoding": "gzip"}) as response:
+            assert response.headers["Content-Encoding"] == "gzip"
+            packed = await response.read()
+        async with session.get(url, headers={"Accept-Encoding": "identity"}) as response:
+            assert "Content-Encoding" not in response.headers
+            unpacked = await response.read()
+    assert len(packed) * 5 < len(unpacked)
+    strip = [
+        line for line in gzip.decompress(packed).decode().splitlines() if "process_" not in line
+    ]
+    assert strip == [line for line in plain.splitlines() if "process_" not in line]
