@@ -24,6 +24,8 @@ def _logits(seed: int, spread: float) -> np.ndarray:
     rng = np.random.default_rng(seed)
     logits = rng.standard_normal(VOCAB).astype(np.float32) * spread
     logits[rng.choice(VOCAB, 20, replace=False)] += rng.uniform(2, 12, 20).astype(np.float32)
+    # As the engine hands them over: a view of llama.cpp's buffer that must not be written.
+    logits.flags.writeable = False
     return logits
 
 

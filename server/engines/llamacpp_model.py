@@ -192,12 +192,14 @@ class LlamaModel:
     # logits -------------------------------------------------------------------------------
 
     def logits(self, row: int) -> np.ndarray:
-        """The logits the last decode computed for batch row `row`, read in place: valid until
-        the next decode, and never to be written."""
+        """The logits the last decode computed for batch row `row`, read in place (read-only,
+        and valid until the next decode)."""
         pointer = self.lib.llama_get_logits_ith(self.ctx, row)
         if not pointer:
             raise EngineError(f"llama.cpp holds no logits for batch row {row}")
-        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+        view = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+        view.flags.writeable = False
+        return view
 
     # decoding -------------------------------------------------------------------------------
 
