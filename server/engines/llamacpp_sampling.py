@@ -148,7 +148,8 @@ def _pick(weights: np.ndarray, uniform: float) -> int:
     inside = np.cumsum(padded[start : start + size], dtype=np.float64)
     earlier = block_sums[block - 1] if block else 0.0
     offset = int(np.searchsorted(inside, target - earlier, "right"))
-    # Rounding can put the target at the block's very end: then take its last weight above 0.
-    if offset >= size or padded[start + offset] == 0:
-        offset = int(np.flatnonzero(padded[start : start + min(offset, size - 1) + 1])[-1])
+    # The block's total and its running sum are added in different orders and can differ in the
+    # last bit: a target past the running sum's end takes the block's last token of weight > 0.
+    if offset == size:
+        offset = int(np.flatnonzero(padded[start : start + size])[-1])
     return start + offset
