@@ -16,9 +16,8 @@ see them as they saw the prometheus_client objects they replace.
 from __future__ import annotations
 
 import asyncio
-from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -79,12 +78,15 @@ class GaugeSeries(_Series):
 S = TypeVar("S", bound=_Series)
 
 
-class _Family(ABC, Generic[S]):
+class _Family(Generic[S]):
     """A labelled family whose `labels(*values)` returns its series, created on first use."""
 
     type: ClassVar[str]
     # What the text format appends to the family's name in its HELP, TYPE and sample lines.
     suffix: ClassVar[str]
+    series_type: ClassVar[type[_Series]]
+    # prometheus_client's family of this type, which collect() fills for registry.collect().
+    library_family: ClassVar[type[CounterMetricFamily] | type[GaugeMetricFamily]]
 
     def __init__(
         self,
@@ -112,14 +114,12 @@ class _Family(ABC, Generic[S]):
                 raise ValueError(f"{self.name} takes labels {self.labelnames}, got {key}")
             pairs = sorted(zip(self.labelnames, key, strict=True))
             labels = ",".join(f'{name}="{_escape(value)}"' for name, value in pairs)
-            series = self._series[key] = self._new_series(f"{self._sample_name}{{{labels}}} ")
+            prefix = f"{self._sample_name}{{{labels}}} "
+            series = self._series[key] = cast(S, self.series_type(prefix))
         return series
 
-    @abstractmethod
-    def _new_series(self, prefix: str) -> S: ...
-
-    @abstractmethod
-    def _empty_family(self) -> CounterMetricFamily | GaugeMetricFamily: ...
+    def _empty_family(self) -> CounterMetricFamily | GaugeMetricFamily:
+        return self.library_family(self.name, self.documentation, labels=self.labelnames)
 
     def describe(self) -> list[Metric]:
         return [self._empty_family()]
@@ -143,23 +143,15 @@ class _Family(ABC, Generic[S]):
 class KeyCounter(_Family[CounterSeries]):
     type = "counter"
     suffix = "_total"
-
-    def _new_series(self, prefix: str) -> CounterSeries:
-        return CounterSeries(prefix)
-
-    def _empty_family(self) -> CounterMetricFamily:
-        return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+    series_type = CounterSeries
+    library_family = CounterMetricFamily
 
 
 class KeyGauge(_Family[GaugeSeries]):
     type = "gauge"
     suffix = ""
-
-    def _new_series(self, prefix: str) -> GaugeSeries:
-        return GaugeSeries(prefix)
-
-    def _empty_family(self) -> GaugeMetricFamily:
-        return GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+    series_type = GaugeSeries
+    library_family = GaugeMetricFamily
 
 
 class _LibraryCollectors:
