@@ -87,5 +87,9 @@ def test_every_shipped_logql_query_parses(source: str) -> None:
     queries = dashboard_queries() if source == "dashboards" else doc_queries()
     assert queries, f"no LogQL found in the {source}: the extraction is broken"
     errors = parse_errors([substituted(query) for _, query in queries])
-    broken = [f"{where}: {query} (at {at})" for (where, query), at in zip(queries, errors) if at]
+    broken = [
+        f"{where}: {query} (at {at})"
+        for (where, query), at in zip(queries, errors, strict=True)
+        if at
+    ]
     assert not broken, "\n".join(broken)
