@@ -94,10 +94,17 @@ def test_loki_can_write_its_data_directory():
     )
 
 
-def test_only_loki_listens_beyond_loopback():
+def test_everything_listens_on_loopback_unless_the_operator_says_otherwise() -> None:
+    """Loki binds loopback in loki/loki.yaml (other hosts push through scripts/nginx/loki.conf);
+    node_exporter moves to a private address for a central Prometheus with NODE_EXPORTER_ADDR."""
     stack = services()
     assert "--web.listen-address=127.0.0.1:9090" in stack["prometheus"]["command"]
     assert "--web.listen-address=127.0.0.1:9100" in stack["node-exporter"]["command"]
+    loki = yaml.safe_load((ROOT / "loki" / "loki.yaml").read_text())["server"]
+    assert loki["http_listen_address"] == loki["grpc_listen_address"] == "127.0.0.1"
+    moved = compose_config(GRAFANA_ADMIN_PASSWORD="test-only", NODE_EXPORTER_ADDR="10.0.0.21")
+    exporter = yaml.safe_load(moved.stdout)["services"]["node-exporter"]
+    assert "--web.listen-address=10.0.0.21:9100" in exporter["command"]
     assert "--server.http.listen-addr=127.0.0.1:12345" in stack["alloy"]["command"]
     assert stack["grafana"]["environment"]["GF_SERVER_HTTP_ADDR"] == "127.0.0.1"
     assert all(
