@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +158,31 @@ def test_every_alert_has_a_quiet_case_and_a_firing_case(alert: str) -> None:
     ]
     assert any(not c.get("exp_alerts") for c in checks), f"{alert}: never tested quiet"
     assert any(c.get("exp_alerts") for c in checks), f"{alert}: never tested firing"
+
+
+def test_the_central_prometheus_of_the_deployment_guide_scrapes_only_the_listed_hosts(
+    tmp_path: Path,
+) -> None:
+    guide = (ROOT / "docs" / "deployment.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", guide, re.S) if "scrape_configs" in b]
+    central = yaml.safe_load(textwrap.dedent(block))["scrape_configs"]
+    token = tmp_path / "llmserve-sidecar-token"
+    token.write_text("test-token\n")
+    for job in central:
+        if "authorization" in job:
+            job["authorization"]["credentials_file"] = str(token)
+    config_dir = tmp_path / "prometheus"
+    shutil.copytree(ROOT / "prometheus", config_dir)
+    config = yaml.safe_load((config_dir / "prometheus.yml").read_text())
+    config["scrape_configs"] = central
+    (config_dir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    for example in (config_dir / "targets").glob("*.example"):
+        shutil.copy(example, example.with_suffix(""))
+    checked = promtool("check", "config", str(config_dir / "prometheus.yml"))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert [job["job_name"] for job in central] == ["llmserve-sidecar-fleet", "node-fleet"]
+    assert discovered(config_dir / "prometheus.yml", "llmserve-sidecar-fleet") == {
+        "gpu-host-1:8001",
+        "gpu-host-1:8011",
+        "gpu-host-2:8001",
+    }
