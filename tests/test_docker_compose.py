@@ -55,13 +55,13 @@ def named_volumes(service: dict[str, Any]) -> set[str]:
     return {t for s, t in map(split_volume, service.get("volumes", [])) if not s.startswith("/")}
 
 
-def test_compose_file_is_valid_and_needs_a_grafana_password():
+def test_compose_file_is_valid_and_needs_a_grafana_password() -> None:
     assert compose_config(GRAFANA_ADMIN_PASSWORD="test-only").returncode == 0
     refused = compose_config()
     assert refused.returncode != 0 and "set GRAFANA_ADMIN_PASSWORD" in refused.stderr
 
 
-def test_every_mounted_file_is_in_the_repository_and_read_where_it_is_mounted():
+def test_every_mounted_file_is_in_the_repository_and_read_where_it_is_mounted() -> None:
     stack = services()
     for name, service in stack.items():
         for target, source in mounts(service).items():
@@ -82,7 +82,7 @@ def test_every_mounted_file_is_in_the_repository_and_read_where_it_is_mounted():
     assert grafana["/etc/grafana/provisioning/datasources"] == "grafana/provisioning/datasources"
 
 
-def test_loki_can_write_its_data_directory():
+def test_loki_can_write_its_data_directory() -> None:
     stack = services()
     loki_config = yaml.safe_load((ROOT / "loki" / "loki.yaml").read_text())
     data_dir = loki_config["common"]["path_prefix"]

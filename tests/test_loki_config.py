@@ -26,7 +26,7 @@ def test_loki_config_uses_tsdb_v13_structured_metadata_and_retention():
     assert "filesystem" in config["common"]["storage"]
 
 
-def test_alloy_configs_keep_labels_low_and_ids_as_metadata():
+def test_alloy_configs_keep_labels_low_and_ids_as_metadata() -> None:
     for name in ("config.alloy", "config-file-tail.alloy"):
         text = (ROOT / "loki" / name).read_text()
         assert "stage.structured_metadata" in text and "request_id" in text

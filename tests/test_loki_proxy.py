@@ -7,11 +7,9 @@ password, and nothing but a push goes through.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import re
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import free_port
+from tests.nginx_process import running_nginx
 
 ROOT = Path(__file__).resolve().parent.parent
 SNIPPET = ROOT / "scripts" / "nginx" / "loki.conf"
@@ -66,31 +65,12 @@ async def proxy(tmp_path: Path) -> AsyncIterator[tuple[str, list[str]]]:
     await runner.setup()
     loki_port = free_port()
     await web.TCPSite(runner, "127.0.0.1", loki_port).start()
-    binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
-    assert binary, "nginx is missing: scripts/setup --test installs Debian's package"
     port = free_port()
     config = runnable_config(tmp_path, port, loki_port, "s3cret-push")
-    check = await asyncio.create_subprocess_exec(
-        binary, "-t", "-c", str(config), stderr=asyncio.subprocess.PIPE
-    )
-    _, errors = await check.communicate()
-    assert check.returncode == 0, errors.decode()
-    nginx = await asyncio.create_subprocess_exec(
-        binary, "-c", str(config), stderr=asyncio.subprocess.DEVNULL
-    )
     try:
-        for _ in range(500):
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                await writer.wait_closed()
-                break
-            except OSError:
-                await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}", received
+        async with running_nginx(config, port):
+            yield f"http://127.0.0.1:{port}", received
     finally:
-        nginx.terminate()
-        await nginx.wait()
         await runner.cleanup()
 
 
