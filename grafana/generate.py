@@ -17,9 +17,13 @@ LOKI = {"type": "loki", "uid": "${loki}"}
 SEL = 'model=~"$model"'
 KEY = 'key=~"$key"'
 RI = "$__rate_interval"
+TOP_KEYS = 10
+# Prometheus bucket series as a heatmap: Grafana de-accumulates the cumulative `le` buckets and
+# orders the rows by their bound, not as text ("10.0" before "2.0").
+HEATMAP = {"format": "heatmap"}
 
 
-def _variables(with_key: bool) -> list[dict[str, Any]]:
+def _variables(with_model: bool, with_key: bool) -> list[dict[str, Any]]:
     def query(name: str, metric: str, label: str) -> dict[str, Any]:
         return {
             "name": name,
@@ -49,8 +53,10 @@ def _variables(with_key: bool) -> list[dict[str, Any]]:
             "query": "loki",
             "current": {"text": "Loki", "value": "llmserve-loki"},
         },
-        query("model", "llm_requests_total", "model"),
     ]
+    # Only boards whose metrics carry a model label offer $model: elsewhere it would filter nothing.
+    if with_model:
+        variables.append(query("model", "llm_requests_total", "model"))
     if with_key:
         variables.append(query("key", "llm_key_requests_total", "key"))
     return variables
@@ -69,21 +75,27 @@ def _annotations() -> dict[str, Any]:
                 "titleFormat": "model loaded",
             },
             {
+                # From the start time, not from counter resets: resets() needs samples from
+                # before the restart inside its window, so a sidecar away longer than the window
+                # came back unmarked. Two 60 s steps, so one always falls after the first scrape.
                 "name": "Sidecar restarts",
                 "datasource": PROM,
                 "enable": True,
                 "iconColor": "orange",
-                "expr": "resets(llm_sidecar_events_received_total[1m]) > 0",
+                "expr": 'time() - process_start_time_seconds{job="llmserve-sidecar"} < 120',
                 "step": "60s",
-                "titleFormat": "sidecar restarted",
+                "titleFormat": "sidecar {{instance}} restarted",
             },
         ]
     }
 
 
 class Board:
-    def __init__(self, uid: str, title: str, *, with_key: bool = False) -> None:
-        self.uid, self.title, self.with_key = uid, title, with_key
+    def __init__(
+        self, uid: str, title: str, *, with_model: bool = True, with_key: bool = False
+    ) -> None:
+        self.uid, self.title = uid, title
+        self.with_model, self.with_key = with_model, with_key
         self.panels: list[dict[str, Any]] = []
         self._x = self._y = 0
 
@@ -106,6 +118,7 @@ class Board:
         options: dict[str, Any] | None = None,
         datasource: dict[str, str] = PROM,
         description: str = "",
+        target_options: dict[str, Any] | None = None,
     ) -> None:
         self.panels.append(
             {
@@ -123,6 +136,7 @@ class Board:
                         "expr": expr,
                         "legendFormat": legend,
                         "datasource": datasource,
+                        **(target_options or {}),
                     }
                     for i, (expr, legend) in enumerate(targets)
                 ],
@@ -140,10 +154,15 @@ class Board:
             "refresh": "30s",
             "time": {"from": "now-6h", "to": "now"},
             "timezone": "browser",
-            "templating": {"list": _variables(self.with_key)},
+            "templating": {"list": _variables(self.with_model, self.with_key)},
             "annotations": _annotations(),
             "panels": self.panels,
         }
+
+
+def top(expr: str) -> str:
+    """The busiest keys only: with `$key` at All, 10,000 keys would draw 10,000 series."""
+    return f"topk({TOP_KEYS}, {expr})"
 
 
 def quantiles(metric: str) -> list[tuple[str, str]]:
@@ -221,7 +240,7 @@ def overview() -> Board:
         "Model loaded",
         "stat",
         "bool",
-        [(f"max(llm_model_loaded{{{SEL}}})", "{{model}}")],
+        [(f"max by (model) (llm_model_loaded{{{SEL}}})", "{{model}}")],
         width=6,
         height=4,
     )
@@ -271,12 +290,12 @@ def overview() -> Board:
 
 
 def customers() -> Board:
-    b = Board("llmserve-customers", "llmserve / Customers", with_key=True)
+    b = Board("llmserve-customers", "llmserve / Customers", with_model=False, with_key=True)
     b.panel(
         "Requests per second by key",
         "timeseries",
         "reqps",
-        [(f"sum by (key) (rate(llm_key_requests_total{{{KEY}}}[{RI}]))", "{{key}}")],
+        [(top(f"sum by (key) (rate(llm_key_requests_total{{{KEY}}}[{RI}]))"), "{{key}}")],
     )
     b.panel(
         "Tokens per second by key",
@@ -284,10 +303,13 @@ def customers() -> Board:
         "short",
         [
             (
-                f"sum by (key) (rate(llm_key_generation_tokens_total{{{KEY}}}[{RI}]))",
+                top(f"sum by (key) (rate(llm_key_generation_tokens_total{{{KEY}}}[{RI}]))"),
                 "{{key}} generated",
             ),
-            (f"sum by (key) (rate(llm_key_prompt_tokens_total{{{KEY}}}[{RI}]))", "{{key}} prompt"),
+            (
+                top(f"sum by (key) (rate(llm_key_prompt_tokens_total{{{KEY}}}[{RI}]))"),
+                "{{key}} prompt",
+            ),
         ],
     )
     b.panel(
@@ -296,7 +318,7 @@ def customers() -> Board:
         "reqps",
         [
             (
-                f"sum by (key, limit) (rate(llm_key_rate_limited_total{{{KEY}}}[{RI}]))",
+                top(f"sum by (key, limit) (rate(llm_key_rate_limited_total{{{KEY}}}[{RI}]))"),
                 "{{key}} {{limit}}",
             )
         ],
@@ -305,7 +327,12 @@ def customers() -> Board:
         "Errors by key",
         "timeseries",
         "reqps",
-        [(f"sum by (key, type) (rate(llm_key_errors_total{{{KEY}}}[{RI}]))", "{{key}} {{type}}")],
+        [
+            (
+                top(f"sum by (key, type) (rate(llm_key_errors_total{{{KEY}}}[{RI}]))"),
+                "{{key}} {{type}}",
+            )
+        ],
     )
     b.panel(
         "Limit in use",
@@ -313,7 +340,7 @@ def customers() -> Board:
         "percentunit",
         [
             (
-                f"max by (key, limit) (llm_key_rate_limit_utilization_ratio{{{KEY}}})",
+                top(f"max by (key, limit) (llm_key_rate_limit_utilization_ratio{{{KEY}}})"),
                 "{{key}} {{limit}}",
             )
         ],
@@ -324,7 +351,7 @@ def customers() -> Board:
         "short",
         [
             (
-                f"topk(10, sum by (key) (increase(llm_key_generation_tokens_total{{{KEY}}}[1h])))",
+                top(f"sum by (key) (increase(llm_key_generation_tokens_total{{{KEY}}}[1h]))"),
                 "{{key}}",
             )
         ],
@@ -347,6 +374,7 @@ def latency() -> Board:
             [(f"sum by (le) (rate({metric}_bucket{{{SEL}}}[{RI}]))", "{{le}}")],
             width=8,
             options={"calculate": False, "yAxis": {"unit": "s"}},
+            target_options=HEATMAP,
         )
     b.panel(
         "Queue, prefill and decode (mean per request)",
@@ -382,6 +410,7 @@ def latency() -> Board:
             )
         ],
         options={"calculate": False},
+        target_options=HEATMAP,
     )
     b.panel(
         "Share of streams under 30 tokens/s",
@@ -400,7 +429,7 @@ def latency() -> Board:
 
 
 def errors_and_logs() -> Board:
-    b = Board("llmserve-errors", "llmserve / Errors and logs")
+    b = Board("llmserve-errors", "llmserve / Errors and logs", with_model=False)
     b.panel(
         "Errors by type",
         "timeseries",
@@ -428,12 +457,15 @@ def errors_and_logs() -> Board:
         [
             (
                 'topk(20, max_over_time({service_name="llmserve"} | json | msg="request finished" '
-                "| unwrap e2e_s [$__interval]) by (request_id, key, model))",
+                "| unwrap e2e_s [$__range]) by (request_id, key, model))",
                 "",
             )
         ],
         width=12,
         datasource=LOKI,
+        # One instant query over the dashboard's range: a range query keeps a series per
+        # request and per step, past Loki's max_query_series on real traffic.
+        target_options={"queryType": "instant", "instant": True, "range": False},
     )
     b.panel(
         "A request by id (set the request_id variable)",

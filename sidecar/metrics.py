@@ -361,6 +361,11 @@ class Metrics:
         self.keys_tracked = Gauge(
             "llm_sidecar_keys_tracked", "API key names with their own series.", registry=reg
         )
+        self.max_keys = Gauge(
+            "llm_sidecar_max_keys",
+            "API key names that may have their own series (sidecar.max_keys).",
+            registry=reg,
+        )
         self.log_lines_dropped = Counter(
             "llm_sidecar_loki_lines_dropped",
             "Log lines dropped because Loki was unreachable and the buffer was full.",

@@ -90,6 +90,7 @@ class Recorder:
         self.stats = stats
         self.request_logger = request_logger
         self.keys = KeyNames(max_keys)
+        metrics.max_keys.set(max_keys)
         self.instances: dict[str, _Instance] = {}
         self.finished_requests = 0
         self.recent = RecentProblems()

@@ -55,13 +55,13 @@ def named_volumes(service: dict[str, Any]) -> set[str]:
     return {t for s, t in map(split_volume, service.get("volumes", [])) if not s.startswith("/")}
 
 
-def test_compose_file_is_valid_and_needs_a_grafana_password():
+def test_compose_file_is_valid_and_needs_a_grafana_password() -> None:
     assert compose_config(GRAFANA_ADMIN_PASSWORD="test-only").returncode == 0
     refused = compose_config()
     assert refused.returncode != 0 and "set GRAFANA_ADMIN_PASSWORD" in refused.stderr
 
 
-def test_every_mounted_file_is_in_the_repository_and_read_where_it_is_mounted():
+def test_every_mounted_file_is_in_the_repository_and_read_where_it_is_mounted() -> None:
     stack = services()
     for name, service in stack.items():
         for target, source in mounts(service).items():
@@ -82,7 +82,7 @@ def test_every_mounted_file_is_in_the_repository_and_read_where_it_is_mounted():
     assert grafana["/etc/grafana/provisioning/datasources"] == "grafana/provisioning/datasources"
 
 
-def test_loki_can_write_its_data_directory():
+def test_loki_can_write_its_data_directory() -> None:
     stack = services()
     loki_config = yaml.safe_load((ROOT / "loki" / "loki.yaml").read_text())
     data_dir = loki_config["common"]["path_prefix"]
@@ -94,10 +94,17 @@ def test_loki_can_write_its_data_directory():
     )
 
 
-def test_only_loki_listens_beyond_loopback():
+def test_everything_listens_on_loopback_unless_the_operator_says_otherwise() -> None:
+    """Loki binds loopback in loki/loki.yaml (other hosts push through scripts/nginx/loki.conf);
+    node_exporter moves to a private address for a central Prometheus with NODE_EXPORTER_ADDR."""
     stack = services()
     assert "--web.listen-address=127.0.0.1:9090" in stack["prometheus"]["command"]
     assert "--web.listen-address=127.0.0.1:9100" in stack["node-exporter"]["command"]
+    loki = yaml.safe_load((ROOT / "loki" / "loki.yaml").read_text())["server"]
+    assert loki["http_listen_address"] == loki["grpc_listen_address"] == "127.0.0.1"
+    moved = compose_config(GRAFANA_ADMIN_PASSWORD="test-only", NODE_EXPORTER_ADDR="10.0.0.21")
+    exporter = yaml.safe_load(moved.stdout)["services"]["node-exporter"]
+    assert "--web.listen-address=10.0.0.21:9100" in exporter["command"]
     assert "--server.http.listen-addr=127.0.0.1:12345" in stack["alloy"]["command"]
     assert stack["grafana"]["environment"]["GF_SERVER_HTTP_ADDR"] == "127.0.0.1"
     assert all(

@@ -5,10 +5,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from sidecar.gpu import GPU_METRICS
 from sidecar.metrics import Metrics
@@ -25,13 +28,13 @@ PANELS = [(name, panel) for name, board in BOARDS.items() for panel in board["pa
 
 def exported_names() -> set[str]:
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
-    names = set()
+    names: set[str] = set()
     for family in Metrics().registry.collect():
         names.update(family.name + s for s in suffixes.get(family.type, [""]))
     return names | set(GPU_METRICS)
 
 
-def test_committed_dashboards_are_what_the_generator_writes():
+def test_committed_dashboards_are_what_the_generator_writes() -> None:
     committed = {p.name: p.read_text() for p in (ROOT / "grafana" / "dashboards").glob("*.json")}
     assert committed == generate.render(), "run: python grafana/generate.py"
 
@@ -39,7 +42,7 @@ def test_committed_dashboards_are_what_the_generator_writes():
 @pytest.mark.parametrize(("board", "panel"), PANELS, ids=[f"{b}:{p['title']}" for b, p in PANELS])
 def test_every_panel_has_a_title_a_unit_and_a_datasource_variable(
     board: str, panel: dict[str, Any]
-):
+) -> None:
     assert panel["title"]
     assert panel["fieldConfig"]["defaults"]["unit"]
     assert panel["datasource"]["uid"] in ("${datasource}", "${loki}")
@@ -50,7 +53,7 @@ def test_every_panel_has_a_title_a_unit_and_a_datasource_variable(
                 assert window == "$__rate_interval", target["expr"]
 
 
-def test_every_metric_a_dashboard_names_is_exported():
+def test_every_metric_a_dashboard_names_is_exported() -> None:
     exported = exported_names()
     for _, panel in PANELS:
         if panel["datasource"]["type"] != "prometheus":
@@ -60,12 +63,128 @@ def test_every_metric_a_dashboard_names_is_exported():
                 assert name in exported, f"{panel['title']}: {name}"
 
 
-def test_variables_and_annotations():
+def test_variables_and_annotations() -> None:
     for board in BOARDS.values():
         names = [v["name"] for v in board["templating"]["list"]]
-        assert names[:3] == ["datasource", "loki", "model"]
+        assert names[:2] == ["datasource", "loki"]
         assert {a["name"] for a in board["annotations"]["list"]} == {
             "Model loads",
             "Sidecar restarts",
         }
     assert "key" in [v["name"] for v in BOARDS["llmserve-customers.json"]["templating"]["list"]]
+    for name in ("llmserve-overview.json", "llmserve-latency.json"):
+        assert "model" in [v["name"] for v in BOARDS[name]["templating"]["list"]]
+
+
+def prometheus_targets(board: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    return [
+        (panel, target)
+        for panel in board["panels"]
+        if panel["datasource"]["type"] == "prometheus"
+        for target in panel["targets"]
+    ]
+
+
+@pytest.mark.parametrize(("board", "panel"), PANELS, ids=[f"{b}:{p['title']}" for b, p in PANELS])
+def test_heatmaps_read_buckets_as_a_heatmap(board: str, panel: dict[str, Any]) -> None:
+    """Without format=heatmap Grafana draws cumulative bucket counts, rows in text order."""
+    if panel["type"] != "heatmap":
+        return
+    for target in panel["targets"]:
+        assert target["format"] == "heatmap", target
+        assert target["legendFormat"] == "{{le}}" and "sum by (le)" in target["expr"]
+    assert panel["options"]["calculate"] is False
+
+
+def test_every_variable_filters_some_panel_of_its_board() -> None:
+    for name, board in BOARDS.items():
+        exprs = " ".join(target["expr"] for panel in board["panels"] for target in panel["targets"])
+        for variable in board["templating"]["list"]:
+            if variable["type"] in ("query", "textbox"):
+                assert f"${variable['name']}" in exprs, (
+                    f"{name}: ${variable['name']} filters nothing"
+                )
+
+
+AGGREGATION = re.compile(r"^(?:topk\(\d+, )?(sum|max|min|avg|count)\s*(?:by \(([^)]*)\))?\s*\(")
+
+
+def test_legends_name_only_labels_the_query_keeps() -> None:
+    for name, board in BOARDS.items():
+        for panel, target in prometheus_targets(board):
+            named = set(re.findall(r"\{\{(\w+)\}\}", target["legendFormat"]))
+            outer = AGGREGATION.match(target["expr"])
+            if named and outer:
+                kept = {label.strip() for label in (outer.group(2) or "").split(",")}
+                assert named <= kept, f"{name}: {panel['title']}: {target['expr']}"
+
+
+def test_per_key_panels_draw_only_the_busiest_keys() -> None:
+    for name, board in BOARDS.items():
+        for panel, target in prometheus_targets(board):
+            if re.search(r"\bby \([^)]*\bkey\b", target["expr"]):
+                assert target["expr"].startswith("topk("), f"{name}: {panel['title']}"
+
+
+def test_loki_tables_per_request_are_one_instant_query_over_the_dashboard_range() -> None:
+    """A range query grouped by request_id makes a series per request and per step, and Loki
+    refuses it past max_query_series (500 by default) on real traffic."""
+    tables = [
+        target
+        for _, panel in PANELS
+        if panel["datasource"]["type"] == "loki"
+        for target in panel["targets"]
+        if "request_id" in target["expr"] and "by (" in target["expr"]
+    ]
+    assert tables
+    for target in tables:
+        assert target["queryType"] == "instant" and target["instant"] is True
+        assert "[$__range]" in target["expr"] and "$__interval" not in target["expr"]
+
+
+def test_sidecar_restart_annotation_marks_a_restart_after_a_long_gap(tmp_path: Path) -> None:
+    """A sidecar down for five minutes is still marked when it comes back (promtool evaluates
+    the annotation's query at Grafana's 60 s steps)."""
+    (annotation,) = [
+        a
+        for a in BOARDS["llmserve-overview.json"]["annotations"]["list"]
+        if a["name"] == "Sidecar restarts"
+    ]
+    assert annotation["step"] == "60s"
+    labels = 'job="llmserve-sidecar", instance="h:8001"'
+    case = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    # Up from 0 to 10m, away for five minutes, started again at 16m (960 s).
+                    {
+                        "series": f"process_start_time_seconds{{{labels}}}",
+                        "values": "0x10 _x5 960x10",
+                    },
+                    {
+                        "series": f"llm_sidecar_events_received_total{{{labels}}}",
+                        "values": "0+100x10 _x5 0+100x10",
+                    },
+                ],
+                "promql_expr_test": [
+                    {"expr": f"count({annotation['expr']})", "eval_time": t, "exp_samples": s}
+                    for t, s in (("17m", [{"labels": "{}", "value": 1}]), ("8m", []), ("25m", []))
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "annotation_test.yml"
+    path.write_text(yaml.safe_dump(case))
+    binary = shutil.which("promtool")
+    assert binary, "promtool is missing: scripts/setup --test installs Debian's prometheus"
+    result = subprocess.run(
+        [binary, "test", "rules", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +18,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Process, free_port, start_synthetic_server
+from tests.nginx_process import running_nginx
 
 ROOT = Path(__file__).resolve().parent.parent
 SNIPPET = ROOT / "scripts" / "nginx" / "llmserve.conf"
@@ -62,31 +62,10 @@ async def proxied(
         )
         replicas.append(server)
         addresses.append(base.removeprefix("http://"))
-    binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
-    assert binary, "nginx is missing: scripts/setup --test installs Debian's package"
     port = free_port()
     config = runnable_config(tmp_path, port, addresses)
-    check = await asyncio.create_subprocess_exec(
-        binary, "-t", "-c", str(config), stderr=asyncio.subprocess.PIPE
-    )
-    _, errors = await check.communicate()
-    assert check.returncode == 0, errors.decode()
-    nginx = await asyncio.create_subprocess_exec(
-        binary, "-c", str(config), stderr=asyncio.subprocess.DEVNULL
-    )
-    try:
-        for _ in range(500):
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                await writer.wait_closed()
-                break
-            except OSError:
-                await asyncio.sleep(0.01)
+    async with running_nginx(config, port):
         yield f"http://127.0.0.1:{port}", replicas
-    finally:
-        nginx.terminate()
-        await nginx.wait()
 
 
 BODY = {"model": "synthetic", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
