@@ -180,7 +180,7 @@ AnyEvent = Start | First | Gaps | End | Load | State | RateLimit
 
 
 class Header(msgspec.Struct, array_like=True):
-    """A datagram. `dropped` counts events the server discarded because its buffer was full,
+    """`dropped` counts events the server discarded because its buffer was full,
     `unsendable` those that could never be sent, both since it started; the `_reported` pair is
     what the last datagram it delivered said, so a sidecar that starts later counts only what no
     earlier sidecar was told. `events` are the packed events, in order."""

@@ -16,7 +16,7 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 async def test_a_huge_model_name_does_not_stop_later_events(
     short_tmp: str, processes: list[Process]
-):
+) -> None:
     sidecar_port = free_port()
     log_file = Path(short_tmp) / "requests.log"
     _, base = await start_synthetic_server(

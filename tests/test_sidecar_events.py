@@ -112,7 +112,7 @@ def test_gaps_are_lost_repeats_ignored_and_overflow_not_counted_twice():
     assert rec.lost == 2 and len(finished) == 5
 
 
-async def test_malformed_datagrams_are_counted_not_fatal(sidecar_stack: SidecarStack):
+async def test_malformed_datagrams_are_counted_not_fatal(sidecar_stack: SidecarStack) -> None:
     await send_raw(sidecar_stack.socket_path, b"\xc1 not msgpack")
     await send_raw(sidecar_stack.socket_path, datagram("a", 0, [{"seq": 1, "kind": "bogus"}]))
     await send_raw(sidecar_stack.socket_path, datagram("a", 0, [{"seq": 2, "kind": "end"}]))
@@ -180,7 +180,7 @@ async def wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> None
     assert condition()
 
 
-async def test_a_restarted_sidecar_does_not_count_old_overflow_again(short_tmp: str):
+async def test_a_restarted_sidecar_does_not_count_old_overflow_again(short_tmp: str) -> None:
     path = f"{short_tmp}/restart.sock"
     sender = EventSender(path, max_buffered=10)
     for i in range(15):
@@ -205,7 +205,7 @@ async def test_a_restarted_sidecar_does_not_count_old_overflow_again(short_tmp: 
 
 async def test_an_oversized_field_is_cut_and_later_events_still_flow(
     sidecar_stack: SidecarStack,
-):
+) -> None:
     sender = sidecar_stack.sender()
     sender.emit("end", **{**end_fields("huge"), "error": "x" * 300_000, "key": "k" * 300_000})
     sender.emit("end", **end_fields("after"))
@@ -220,7 +220,7 @@ async def test_an_oversized_field_is_cut_and_later_events_still_flow(
 
 async def test_text_that_is_not_utf8_never_raises_into_the_request_path(
     sidecar_stack: SidecarStack,
-):
+) -> None:
     sender = sidecar_stack.sender()
     # What surrogateescape makes of bytes that are not UTF-8, and a lone surrogate.
     name = b"caf\xe9".decode("utf-8", "surrogateescape")
@@ -233,7 +233,7 @@ async def test_text_that_is_not_utf8_never_raises_into_the_request_path(
     sender.close()
 
 
-async def test_a_datagram_too_large_for_the_socket_is_split(sidecar_stack: SidecarStack):
+async def test_a_datagram_too_large_for_the_socket_is_split(sidecar_stack: SidecarStack) -> None:
     sender = sidecar_stack.sender()
     # A socket that takes only small datagrams (as a lowered wmem_max would make it): a batch
     # that does not fit is sent in smaller pieces, not retried for ever as if the sidecar were away.
@@ -248,7 +248,7 @@ async def test_a_datagram_too_large_for_the_socket_is_split(sidecar_stack: Sidec
 
 async def test_an_event_that_can_never_be_sent_is_dropped_and_counted(
     sidecar_stack: SidecarStack,
-):
+) -> None:
     sender = sidecar_stack.sender()
     sender._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     sender.emit("end", **end_fields("before"))
@@ -265,7 +265,7 @@ async def test_an_event_that_can_never_be_sent_is_dropped_and_counted(
     sender.close()
 
 
-async def test_a_huge_count_of_gaps_arrives_in_bounded_events(sidecar_stack: SidecarStack):
+async def test_a_huge_count_of_gaps_arrives_in_bounded_events(sidecar_stack: SidecarStack) -> None:
     sender = sidecar_stack.sender()
     telemetry = RequestTelemetry(
         sender, request_id="bulk", key="acme", model="m", endpoint="completions", received_ns=0

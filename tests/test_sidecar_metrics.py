@@ -211,8 +211,8 @@ async def test_disconnect_storm_logs_every_request_once(serve: ServerFactory, si
 
 
 async def test_requests_sharing_an_id_keep_their_own_model_and_key(
-    serve: ServerFactory, sidecar_stack
-):
+    serve: ServerFactory, sidecar_stack: SidecarStack
+) -> None:
     # Clients choose x-request-id: two concurrent requests with the same one are still two
     # requests, and every sample of each belongs to the served model, none to "unknown".
     server = await paced_server(serve, sidecar_stack)
