@@ -37,6 +37,7 @@ __all__ = [
     "Load",
     "Malformed",
     "RateLimit",
+    "RequestEvent",
     "Start",
     "State",
     "Unsendable",
@@ -83,9 +84,10 @@ class Event(msgspec.Struct, tag_field="kind", kw_only=True):
     list_bounds: ClassVar[tuple[tuple[str, int], ...]] = ()
 
 
-class Start(Event, tag="start"):
-    """A request was admitted and is about to run. `req` is the server's own serial for the
-    request (unique per server instance); `rid` is the x-request-id, which clients may share."""
+class RequestEvent(Event):
+    """`req` is the server's own serial for the request (unique per server instance), which
+    ties the request's events together; `rid` is the x-request-id, which clients choose and may
+    share."""
 
     req: int
     rid: Name
@@ -93,6 +95,11 @@ class Start(Event, tag="start"):
     model: Name
     endpoint: Name
     stream: bool
+
+
+class Start(RequestEvent, tag="start"):
+    """A request was admitted and is about to run."""
+
     prompt_tokens: int
     queue_ns: int
 
@@ -111,17 +118,11 @@ class Gaps(Event, tag="gaps"):
     gaps_us: GapList
 
 
-class End(Event, tag="end"):
+class End(RequestEvent, tag="end"):
     """A request ended, however it ended. `status` is ok, error, invalid_request, overloaded,
     rate_limited or cancelled; `cancel_reason` client_disconnect, client_stalled or shutdown;
     `gen_ns` is first to last token as the client saw them."""
 
-    req: int
-    rid: Name
-    key: Name
-    model: Name
-    endpoint: Name
-    stream: bool
     status: Name
     http_status: int
     finish_reason: Name | None

@@ -73,6 +73,8 @@ def render() -> str:
         " theirs; the sidecar counts an event outside the definition as malformed. An event is"
         f" at most {protocol.MAX_EVENT_BYTES} bytes and a datagram {protocol.MAX_DATAGRAM_BYTES}.",
         "",
+        f"In `start` and `end`, {_prose(protocol.RequestEvent)}",
+        "",
     ]
     for kind, cls in protocol.EVENT_TYPES.items():
         lines.append(f"- `{kind}`: {_fields(cls, common)}. {_prose(cls)}")

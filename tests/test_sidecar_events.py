@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable
 
 import aiohttp
 import msgspec
@@ -67,7 +66,6 @@ async def start_sidecar_late(
             await asyncio.sleep(0.02)
     finally:
         transport.close()
-        sender.close()
     return rec, finished
 
 
@@ -80,6 +78,7 @@ async def test_events_wait_for_a_late_sidecar_and_arrive_in_order(short_tmp: str
     assert sender.buffered == 300 and sender.sent == 0
 
     rec, finished = await start_sidecar_late(sender, path, 300)
+    sender.close()
     assert [e["rid"] for e in finished] == [f"r{i}" for i in range(300)]
     assert rec.lost == 0 and sender.buffered == 0
 
@@ -92,6 +91,7 @@ async def test_overflow_is_dropped_oldest_first_and_counted(short_tmp: str):
     assert sender.dropped == 500
 
     rec, finished = await start_sidecar_late(sender, path, 1000)
+    sender.close()
     assert finished[0]["rid"] == "r500" and finished[-1]["rid"] == "r1499"
     assert rec.metrics.registry.get_sample_value("llm_sidecar_server_overflow_events_total") == 500
     assert rec.lost == 0
@@ -172,33 +172,20 @@ async def test_stats_lists_the_busiest_keys_unless_asked_for_all(sidecar_stack: 
     assert set(top) == {f"k{number}" for number in range(140, 150)}
 
 
-async def wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> None:
-    for _ in range(int(seconds / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    assert condition()
-
-
 async def test_a_restarted_sidecar_does_not_count_old_overflow_again(short_tmp: str) -> None:
     path = f"{short_tmp}/restart.sock"
     sender = EventSender(path, max_buffered=10)
     for i in range(15):
         sender.emit("end", **end_fields(f"r{i}"))
-    first, first_finished = recorder()
-    transport = await open_event_socket(path, first)
-    await wait_for(lambda: len(first_finished) == 10)
-    transport.close()
+    first, _ = await start_sidecar_late(sender, path, 10)
     overflow = "llm_sidecar_server_overflow_events_total"
     assert first.metrics.registry.get_sample_value(overflow) == 5
 
     # The five were counted by the sidecar that saw them go; its successor must not count them.
-    second, second_finished = recorder()
-    transport = await open_event_socket(path, second)
     sender.emit("end", **end_fields("after-restart"))
-    await wait_for(lambda: len(second_finished) == 1)
-    transport.close()
+    second, finished = await start_sidecar_late(sender, path, 1)
     sender.close()
+    assert [e["rid"] for e in finished] == ["after-restart"]
     assert second.metrics.registry.get_sample_value(overflow) == 0
     assert second.lost == 0
 
