@@ -27,6 +27,7 @@ __all__ = [
     "MAX_GAPS",
     "TRUNCATED",
     "VERSION",
+    "AnyEvent",
     "Datagram",
     "DecodeError",
     "End",
@@ -206,13 +207,19 @@ def _bound_of(field_type: msgspec.inspect.Type) -> tuple[str, int | None]:
     return "", None
 
 
+def _find_bounds(cls: type[Event]) -> None:
+    """Note on the class which of its fields are bounded text and which bounded lists, so that
+    the sender cuts by the same bounds the receiver checks."""
+    bounds: dict[str, list[tuple[str, int]]] = {"text": [], "list": []}
+    for field in msgspec.inspect.type_info(cls).fields:  # type: ignore[attr-defined]
+        kind, limit = _bound_of(field.type)
+        if limit is not None:
+            bounds[kind].append((field.name, limit))
+    cls.text_bounds, cls.list_bounds = tuple(bounds["text"]), tuple(bounds["list"])
+
+
 for _cls in EVENT_TYPES.values():
-    _bounds: dict[str, list[tuple[str, int]]] = {"text": [], "list": []}
-    for _field in msgspec.inspect.type_info(_cls).fields:  # type: ignore[attr-defined]
-        _kind, _limit = _bound_of(_field.type)
-        if _limit is not None:
-            _bounds[_kind].append((_field.name, _limit))
-    _cls.text_bounds, _cls.list_bounds = tuple(_bounds["text"]), tuple(_bounds["list"])
+    _find_bounds(_cls)
 
 _encoder = msgspec.msgpack.Encoder()
 _header_decoder = msgspec.msgpack.Decoder(Header)
