@@ -68,7 +68,8 @@ class EventSender:
         return next(self._requests)
 
     def send(self, event: Event) -> None:
-        """Queue one event; returns at once whatever the sidecar is doing, and never raises."""
+        """Queue one event; returns at once whatever the sidecar is doing, and never raises.
+        The event is numbered and stamped, and its text and lists cut to their bounds, in place."""
         self._seq += 1
         event.seq = self._seq
         event.ts = time.time()

@@ -4,7 +4,7 @@
 Sequence numbers are checked per server instance: a gap is counted as lost events, a repeat is
 ignored, so a restarted sidecar or a resent datagram never counts a request twice. What a server
 reports dropping (a full buffer) or never sending (unsendable) explains a gap instead; a sidecar
-counts those only from what the server's previous datagram said, so a restarted sidecar does not
+counts those from what the last datagram the server delivered said, so a restarted sidecar does not
 count again what its predecessor was told. A request's events are tied together by the server's
 serial `req`, never by the client's request id. Per-key series are bounded: the first `max_keys`
 names get their own, later ones share `other`.
