@@ -141,7 +141,7 @@ class GenerationService:
         served = self.engine.info.model_id
         if model != served:
             raise NotFound(
-                f"The model '{model}' does not exist. This server serves '{served}'.",
+                f"The model '{model[:100]}' does not exist. This server serves '{served}'.",
                 param="model",
                 code="model_not_found",
             )

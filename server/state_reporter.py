@@ -14,6 +14,7 @@ from server.admission import AdmissionGate
 from server.engines.base import Engine, ModelInfo
 from server.state import ServerState
 from sidecar.client import EventSender
+from sidecar.protocol import Load, State
 
 __all__ = ["StateReporter"]
 
@@ -35,27 +36,29 @@ class StateReporter:
         self._load = (info, loaded)
         if self.events is None:
             return
-        self.events.emit(
-            "load",
-            model=info.model_id,
-            engine=info.engine,
-            source=info.source,
-            load_s=info.load_seconds,
-            memory_bytes=int(info.details.get("size_bytes", 0)),
-            loaded=loaded,
+        self.events.send(
+            Load(
+                model=info.model_id,
+                engine=info.engine,
+                source=info.source,
+                load_s=info.load_seconds,
+                memory_bytes=int(info.details.get("size_bytes", 0)),
+                loaded=loaded,
+            )
         )
 
     def report(self) -> None:
         if self.events is None:
             return
-        self.events.emit(
-            "state",
-            model=self.engine.info.model_id,
-            running=self.gate.running,
-            waiting=self.gate.waiting,
-            kv_usage=self.engine.kv_usage(),
-            ready=self.state.status == "ready",
-            draining=self.state.draining,
+        self.events.send(
+            State(
+                model=self.engine.info.model_id,
+                running=self.gate.running,
+                waiting=self.gate.waiting,
+                kv_usage=self.engine.kv_usage(),
+                ready=self.state.status == "ready",
+                draining=self.state.draining,
+            )
         )
 
     def start(self) -> None:

@@ -1,7 +1,9 @@
 """Per-request events for the sidecar: start, first token, inter-token gaps, end.
 
 Everything here is a few attribute updates per token; gaps leave in batches (every 64 tokens or
-every second) so that a long generation shows up live without an event per token. With events
+every second, and never more than protocol.MAX_GAPS to an event) so that a long generation shows
+up live without an event per token. Each request's events carry a serial the server assigns,
+because the request id is the client's to choose and two requests may share one. With events
 turned off the same calls do nothing.
 """
 
@@ -9,10 +11,10 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any
 
 from server.engines.base import Completion
 from sidecar.client import EventSender
+from sidecar.protocol import MAX_GAPS, End, First, Gaps, Start
 
 __all__ = ["RequestTelemetry"]
 
@@ -25,6 +27,7 @@ class RequestTelemetry:
         "_ended",
         "_first_ns",
         "_flushed_ns",
+        "_req",
         "_sender",
         "_stamps",
         "endpoint",
@@ -49,6 +52,7 @@ class RequestTelemetry:
         received_ns: int,
     ) -> None:
         self._sender = sender
+        self._req = sender.next_request() if sender is not None else 0
         self.request_id = request_id
         self.key = key
         self.model = model
@@ -68,15 +72,17 @@ class RequestTelemetry:
         self.prompt_tokens = prompt_tokens
         self.queue_ns = queue_ns
         if self._sender is not None:
-            self._sender.emit(
-                "start",
-                rid=self.request_id,
-                key=self.key,
-                model=self.model,
-                endpoint=self.endpoint,
-                stream=stream,
-                prompt_tokens=prompt_tokens,
-                queue_ns=queue_ns,
+            self._sender.send(
+                Start(
+                    req=self._req,
+                    rid=self.request_id,
+                    key=self.key,
+                    model=self.model,
+                    endpoint=self.endpoint,
+                    stream=stream,
+                    prompt_tokens=prompt_tokens,
+                    queue_ns=queue_ns,
+                )
             )
 
     def written(self, tokens: int) -> None:
@@ -88,7 +94,7 @@ class RequestTelemetry:
         stamps = self._stamps
         if not stamps:
             self._first_ns = self._flushed_ns = now
-            self._sender.emit("first", rid=self.request_id, ttft_ns=now - self.received_ns)
+            self._sender.send(First(req=self._req, ttft_ns=now - self.received_ns))
         # One stamp per token: tokens written together are 0 µs apart. Gaps are computed only
         # when a batch leaves, which keeps the per-token cost to a clock read and an append.
         stamps.append(now)
@@ -101,7 +107,8 @@ class RequestTelemetry:
         stamps = self._stamps
         if len(stamps) > 1 and self._sender is not None:
             gaps = [(later - earlier) // 1000 for earlier, later in itertools.pairwise(stamps)]
-            self._sender.emit("gaps", rid=self.request_id, gaps_us=gaps)
+            for start in range(0, len(gaps), MAX_GAPS):
+                self._sender.send(Gaps(req=self._req, gaps_us=gaps[start : start + MAX_GAPS]))
             # The last stamp stays as the start of the next gap.
             del stamps[:-1]
         self._flushed_ns = now
@@ -122,34 +129,35 @@ class RequestTelemetry:
         self._ended = True
         now = time.monotonic_ns()
         self._flush_gaps(now)
-        fields: dict[str, Any] = {
-            "rid": self.request_id,
-            "key": self.key,
-            "model": self.model,
-            "endpoint": self.endpoint,
-            "stream": self.stream,
-            "status": status,
-            "http_status": http_status,
-            "finish_reason": None,
-            "error_type": error_type,
-            "error": error,
-            "cancel_reason": cancel_reason,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.tokens_written,
-            "cached_tokens": 0,
-            "e2e_ns": now - self.received_ns,
-            "ttft_ns": self._first_ns - self.received_ns if self._first_ns else None,
-            "queue_ns": self.queue_ns,
-            "prefill_ns": None,
-            "decode_ns": None,
-            "gen_ns": self._stamps[-1] - self._first_ns if self._stamps else 0,
-        }
+        event = End(
+            req=self._req,
+            rid=self.request_id,
+            key=self.key,
+            model=self.model,
+            endpoint=self.endpoint,
+            stream=self.stream,
+            status=status,
+            http_status=http_status,
+            finish_reason=None,
+            error_type=error_type,
+            error=error,
+            cancel_reason=cancel_reason,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.tokens_written,
+            cached_tokens=0,
+            e2e_ns=now - self.received_ns,
+            ttft_ns=self._first_ns - self.received_ns if self._first_ns else None,
+            queue_ns=self.queue_ns,
+            prefill_ns=None,
+            decode_ns=None,
+            gen_ns=self._stamps[-1] - self._first_ns if self._stamps else 0,
+        )
         if completion is not None:
-            fields["finish_reason"] = completion.finish_reason
-            fields["prompt_tokens"] = completion.prompt_tokens
-            fields["cached_tokens"] = completion.cached_tokens
-            fields["prefill_ns"] = completion.prefill_ns
-            fields["decode_ns"] = completion.decode_ns
+            event.finish_reason = completion.finish_reason
+            event.prompt_tokens = completion.prompt_tokens
+            event.cached_tokens = completion.cached_tokens
+            event.prefill_ns = completion.prefill_ns
+            event.decode_ns = completion.decode_ns
             if status == "ok":
-                fields["completion_tokens"] = completion.completion_tokens
-        self._sender.emit("end", **fields)
+                event.completion_tokens = completion.completion_tokens
+        self._sender.send(event)

@@ -353,6 +353,12 @@ class Metrics:
             "Events servers reported dropping because their buffer was full.",
             registry=reg,
         )
+        self.events_unsendable = Counter(
+            "llm_sidecar_events_unsendable",
+            "Events servers dropped because they could never be sent (unpackable, or too large"
+            " for the event socket even alone).",
+            registry=reg,
+        )
         self.processing_lag = Gauge(
             "llm_sidecar_processing_lag_seconds",
             "Age of the newest event at the time it was processed.",

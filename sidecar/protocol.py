@@ -1,98 +1,332 @@
-"""The wire format between the server and the sidecar: msgpack datagrams of numbered events.
+"""The wire format between the server and the sidecar: one typed definition per event kind, used
+by the sender to pack and bound each event and by the receiver to validate it.
 
-One datagram is a msgpack array `[VERSION, instance_id, dropped, events...]`, where `dropped` is
-how many events the sender has discarded so far (its buffer overflowed) and each event is a map
-with at least `seq` (per-instance, from 1, no gaps unless events were lost), `kind` and `ts`
-(wall-clock seconds). Events are packed once, when they are created, so a datagram is the
-concatenation of already-packed events behind a small header.
-
-Event kinds and their fields (durations are nanoseconds, from the server's monotonic clock):
-
-- `start`: rid, key, model, endpoint, stream, prompt_tokens, queue_ns
-- `first`: rid, ttft_ns (request received to first content byte written)
-- `gaps`: rid, gaps_us (inter-token gaps in microseconds, in order)
-- `end`: rid, key, model, endpoint, stream, status (ok, error, cancelled, rate_limited),
-  http_status, finish_reason, error_type, error, cancel_reason (client_disconnect,
-  client_stalled, shutdown), prompt_tokens, completion_tokens, cached_tokens, e2e_ns, ttft_ns,
-  queue_ns, prefill_ns, decode_ns, gen_ns (first to last token as the client saw them)
-- `load`: model, engine, source, load_s, memory_bytes, loaded
-- `state`: model, running, waiting, kv_usage, ready, draining
-- `ratelimit`: rid, key, limit, allowed
+One datagram is a msgpack array, the `Header` below, whose last element is the array of events;
+each event is a map with `kind` (its tag), `seq` (per server instance, from 1) and `ts` (wall
+clock) beside the fields of its kind. Events are packed once, when they are created, so a
+datagram is already-packed events behind a small header. Free text and lists have bounds: the
+sender cuts what is longer (text ends in `TRUNCATED`), the receiver refuses what is longer, and
+an event that still cannot be packed, or is too large for a datagram alone, is never sent (the
+sender counts it). Durations are nanoseconds of the server's monotonic clock. docs/metrics.md
+carries a description generated from these definitions (`python -m sidecar.protocol_doc`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, ClassVar
 
-import msgpack
+import msgspec
 
 __all__ = [
     "ERROR_STATUSES",
-    "KINDS",
+    "EVENT_TYPES",
+    "HEADER_BYTES",
     "MAX_DATAGRAM_BYTES",
+    "MAX_EVENT_BYTES",
+    "MAX_GAPS",
+    "TRUNCATED",
     "VERSION",
+    "AnyEvent",
     "Datagram",
     "DecodeError",
+    "End",
+    "Event",
+    "First",
+    "Gaps",
+    "Header",
+    "Load",
+    "Malformed",
+    "RateLimit",
+    "RequestEvent",
+    "Start",
+    "State",
+    "Unsendable",
     "decode_datagram",
     "encode_datagram",
     "pack_event",
 ]
 
-VERSION = 1
+VERSION = 2
 # `end` statuses that count as failed requests (errors, and the error rows of /stats).
 ERROR_STATUSES = frozenset({"error", "overloaded", "invalid_request"})
-KINDS = frozenset({"start", "first", "gaps", "end", "load", "state", "ratelimit"})
 # Linux accepts larger Unix datagrams, but below 64 KiB every default socket buffer takes one.
 MAX_DATAGRAM_BYTES = 60_000
+# The header of a datagram is at most this large (a 16-character instance and four counters).
+HEADER_BYTES = 64
+# One event must fit in a datagram on its own.
+MAX_EVENT_BYTES = MAX_DATAGRAM_BYTES - HEADER_BYTES
+# Inter-token gaps per `gaps` event (at most 9 bytes each).
+MAX_GAPS = 1024
+TRUNCATED = "...[truncated]"
 
-_ARRAY16 = 0xDC
-_ARRAY32 = 0xDD
+Name = Annotated[str, msgspec.Meta(max_length=256)]
+Text = Annotated[str, msgspec.Meta(max_length=2048)]
+GapList = Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=MAX_GAPS)]
+LimitState = Annotated[dict[Name, tuple[float, float]], msgspec.Meta(max_length=16)]
 
 
 class DecodeError(ValueError):
     """A datagram that is not a well-formed batch of events."""
 
 
-@dataclass(frozen=True, slots=True)
-class Datagram:
-    instance: str
+class Unsendable(ValueError):
+    """An event that cannot be packed, or is too large for a datagram even alone."""
+
+
+class Event(msgspec.Struct, tag_field="kind", kw_only=True):
+    """What every event carries; the sender sets both fields as it queues the event."""
+
+    seq: int = 0
+    ts: float = 0.0
+
+    # Filled in below for each kind: its bounded text fields and its bounded list fields.
+    text_bounds: ClassVar[tuple[tuple[str, int], ...]] = ()
+    list_bounds: ClassVar[tuple[tuple[str, int], ...]] = ()
+
+
+class RequestEvent(Event):
+    """`req` is the server's own serial for the request (unique per server instance), which
+    ties the request's events together; `rid` is the x-request-id, which clients choose and may
+    share."""
+
+    req: int
+    rid: Name
+    key: Name
+    model: Name
+    endpoint: Name
+    stream: bool
+
+
+class Start(RequestEvent, tag="start"):
+    """A request was admitted and is about to run."""
+
+    prompt_tokens: int
+    queue_ns: int
+
+
+class First(Event, tag="first"):
+    """The first content byte was written: request received to then."""
+
+    req: int
+    ttft_ns: int
+
+
+class Gaps(Event, tag="gaps"):
+    """Inter-token gaps in microseconds, in order."""
+
+    req: int
+    gaps_us: GapList
+
+
+class End(RequestEvent, tag="end"):
+    """A request ended, however it ended. `status` is ok, error, invalid_request, overloaded,
+    rate_limited or cancelled; `cancel_reason` client_disconnect, client_stalled or shutdown;
+    `gen_ns` is first to last token as the client saw them."""
+
+    status: Name
+    http_status: int
+    finish_reason: Name | None
+    error_type: Name | None
+    error: Text | None
+    cancel_reason: Name | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    e2e_ns: int
+    ttft_ns: int | None
+    queue_ns: int | None
+    prefill_ns: int | None
+    decode_ns: int | None
+    gen_ns: int
+
+
+class Load(Event, tag="load"):
+    """The served model, repeated every second so that a restarted sidecar learns it."""
+
+    model: Name
+    engine: Name
+    source: Text
+    load_s: float
+    memory_bytes: int
+    loaded: bool
+
+
+class State(Event, tag="state"):
+    """The server's state, every second."""
+
+    model: Name
+    running: int
+    waiting: int
+    kv_usage: float
+    ready: bool
+    draining: bool
+
+
+class RateLimit(Event, tag="ratelimit"):
+    """A per-key limit decision; `state` maps each limit to [limit, remaining]."""
+
+    rid: Name
+    key: Name
+    limit: Name
+    allowed: bool
+    backend_error: bool = False
+    state: LimitState = {}
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.__struct_config__.tag: cls  # type: ignore[misc]
+    for cls in (Start, First, Gaps, End, Load, State, RateLimit)
+}
+AnyEvent = Start | First | Gaps | End | Load | State | RateLimit
+
+
+class Header(msgspec.Struct, array_like=True):
+    """`dropped` counts events the server discarded because its buffer was full,
+    `unsendable` those that could never be sent, both since it started; the `_reported` pair is
+    what the last datagram it delivered said, so a sidecar that starts later counts only what no
+    earlier sidecar was told. `events` are the packed events, in order."""
+
+    version: int
+    instance: Name
     dropped: int
-    events: list[dict[str, Any]]
+    unsendable: int
+    dropped_reported: int
+    unsendable_reported: int
+    events: list[msgspec.Raw]
 
 
-def pack_event(event: dict[str, Any]) -> bytes:
-    return msgpack.packb(event, use_bin_type=True)
+def _bound_of(field_type: msgspec.inspect.Type) -> tuple[str, int | None]:
+    if isinstance(field_type, msgspec.inspect.UnionType):
+        bounded = [_bound_of(member) for member in field_type.types]
+        return next(((kind, limit) for kind, limit in bounded if limit is not None), ("", None))
+    if isinstance(field_type, msgspec.inspect.StrType):
+        return "text", field_type.max_length
+    if isinstance(field_type, msgspec.inspect.ListType):
+        return "list", field_type.max_length
+    return "", None
+
+
+def _find_bounds(cls: type[Event]) -> None:
+    """Note on the class which of its fields are bounded text and which bounded lists, so that
+    the sender cuts by the same bounds the receiver checks."""
+    bounds: dict[str, list[tuple[str, int]]] = {"text": [], "list": []}
+    for field in msgspec.inspect.type_info(cls).fields:  # type: ignore[attr-defined]
+        kind, limit = _bound_of(field.type)
+        if limit is not None:
+            bounds[kind].append((field.name, limit))
+    cls.text_bounds, cls.list_bounds = tuple(bounds["text"]), tuple(bounds["list"])
+
+
+for _cls in EVENT_TYPES.values():
+    _find_bounds(_cls)
+
+_encoder = msgspec.msgpack.Encoder()
+_header_decoder = msgspec.msgpack.Decoder(Header)
+_event_decoder = msgspec.msgpack.Decoder(AnyEvent)
+
+
+class _Numbered(msgspec.Struct):
+    seq: int
+
+
+_seq_decoder = msgspec.msgpack.Decoder(_Numbered)
+
+
+def _cut(event: Event) -> None:
+    for name, limit in event.text_bounds:
+        value = getattr(event, name)
+        if value is not None and len(value) > limit:
+            setattr(event, name, value[: limit - len(TRUNCATED)] + TRUNCATED)
+    for name, limit in event.list_bounds:
+        value = getattr(event, name)
+        if len(value) > limit:
+            setattr(event, name, value[:limit])
+
+
+def _valid_utf8(text: str) -> str:
+    # Lone surrogates (from surrogateescape'd bytes or a JSON "\ud800") become U+FFFD.
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+def _replace_surrogates(event: Event) -> None:
+    for name, _ in event.text_bounds:
+        value = getattr(event, name)
+        if value is not None:
+            setattr(event, name, _valid_utf8(value))
+    if isinstance(event, RateLimit):
+        event.state = {_valid_utf8(name): value for name, value in event.state.items()}
+
+
+def pack_event(event: Event) -> bytes:
+    """The event's bytes, its text and lists cut to their bounds first. Raises Unsendable."""
+    _cut(event)
+    try:
+        try:
+            packed = _encoder.encode(event)
+        except UnicodeEncodeError:
+            _replace_surrogates(event)
+            _cut(event)  # a replaced surrogate may be longer than what it replaced
+            packed = _encoder.encode(event)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise Unsendable(f"{type(event).__name__} event cannot be packed: {exc}") from None
+    if len(packed) > MAX_EVENT_BYTES:
+        raise Unsendable(f"{type(event).__name__} event of {len(packed)} bytes")
+    return packed
 
 
 def _array_header(length: int) -> bytes:
     if length < 16:
         return bytes([0x90 | length])
     if length < 1 << 16:
-        return bytes([_ARRAY16]) + length.to_bytes(2, "big")
-    return bytes([_ARRAY32]) + length.to_bytes(4, "big")
+        return b"\xdc" + length.to_bytes(2, "big")
+    return b"\xdd" + length.to_bytes(4, "big")
 
 
-def encode_datagram(instance: str, dropped: int, packed_events: list[bytes]) -> bytes:
-    header = msgpack.packb(VERSION) + msgpack.packb(instance) + msgpack.packb(dropped)
-    return _array_header(3 + len(packed_events)) + header + b"".join(packed_events)
+def encode_datagram(
+    instance: str,
+    packed_events: list[bytes],
+    *,
+    counts: tuple[int, int] = (0, 0),
+    reported: tuple[int, int] = (0, 0),
+) -> bytes:
+    """A datagram of already-packed events; `counts` and `reported` are (dropped, unsendable)."""
+    events = msgspec.Raw(_array_header(len(packed_events)) + b"".join(packed_events))
+    return _encoder.encode((VERSION, instance, *counts, *reported, events))
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """An event in a well-formed datagram that does not match its kind's definition; `seq` is
+    its number when that much could be read, so it is not counted as lost too."""
+
+    seq: int | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Datagram:
+    header: Header
+    events: list[AnyEvent | Malformed]
+
+
+def _decode_event(raw: msgspec.Raw) -> AnyEvent | Malformed:
+    try:
+        return _event_decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        try:
+            seq: int | None = _seq_decoder.decode(raw).seq
+        except msgspec.DecodeError:
+            seq = None
+        return Malformed(seq, str(exc))
 
 
 def decode_datagram(data: bytes) -> Datagram:
+    """Decode a datagram; each event is validated on its own. Raises DecodeError."""
     try:
-        items = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except (ValueError, msgpack.UnpackException) as exc:
-        raise DecodeError(f"not msgpack: {exc}") from None
-    if not isinstance(items, list) or len(items) < 3 or items[0] != VERSION:
-        raise DecodeError("not a version-1 event batch")
-    instance, dropped, events = items[0 + 1], items[2], items[3:]
-    if not isinstance(instance, str) or not isinstance(dropped, int):
-        raise DecodeError("bad batch header")
-    for event in events:
-        if (
-            not isinstance(event, dict)
-            or not isinstance(event.get("seq"), int)
-            or event.get("kind") not in KINDS
-        ):
-            raise DecodeError("bad event")
-    return Datagram(instance, dropped, events)
+        header = _header_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"not a version-{VERSION} event batch: {exc}") from None
+    if header.version != VERSION:
+        raise DecodeError(f"version {header.version}, expected {VERSION}")
+    return Datagram(header, [_decode_event(raw) for raw in header.events])

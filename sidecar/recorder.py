@@ -2,8 +2,12 @@
 /stats adds for the status page: each server's last state, each key's limit use, recent problems.
 
 Sequence numbers are checked per server instance: a gap is counted as lost events, a repeat is
-ignored, so a restarted sidecar or a resent datagram never counts a request twice. Per-key series
-are bounded: the first `max_keys` names get their own, later ones share `other`.
+ignored, so a restarted sidecar or a resent datagram never counts a request twice. What a server
+reports dropping (a full buffer) or never sending (unsendable) explains a gap instead; a sidecar
+counts those from what the last datagram the server delivered said, so a restarted sidecar does not
+count again what its predecessor was told. A request's events are tied together by the server's
+serial `req`, never by the client's request id. Per-key series are bounded: the first `max_keys`
+names get their own, later ones share `other`.
 """
 
 from __future__ import annotations
@@ -14,8 +18,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from sidecar.metrics import Metrics
-from sidecar.protocol import ERROR_STATUSES, Datagram
+from sidecar.protocol import (
+    ERROR_STATUSES,
+    AnyEvent,
+    Datagram,
+    End,
+    First,
+    Gaps,
+    Load,
+    Malformed,
+    RateLimit,
+    Start,
+    State,
+)
 from sidecar.request_log import RecentProblems
 from sidecar.stats import RollingStats
 
@@ -30,6 +48,7 @@ SERVER_SILENT_SECONDS = 5.0
 SERVER_FORGET_SECONDS = 300.0
 _STATE_FIELDS = ("running", "waiting", "kv_usage", "ready", "draining")
 _MAX_LIVE = 100_000
+_UNKNOWN = ("unknown", "unknown")
 
 RequestLogger = Callable[[dict[str, Any]], None]
 
@@ -57,8 +76,9 @@ class KeyNames:
 class _Instance:
     last_seq: int = 0
     dropped: int = 0
-    # rid -> (model, key) for requests whose start was seen, so gaps can be attributed.
-    live: dict[str, tuple[str, str]] = field(default_factory=dict)
+    unsendable: int = 0
+    # req -> (model, key) for requests whose start was seen, so gaps can be attributed.
+    live: dict[int, tuple[str, str]] = field(default_factory=dict)
     # When it last reported its state (every second while it runs); 0 = never.
     last_state: float = 0.0
     first_seen: float = field(default_factory=time.monotonic)
@@ -136,91 +156,103 @@ class Recorder:
         self.metrics.events_malformed.inc()
 
     def handle(self, datagram: Datagram) -> None:
-        instance = self.instances.get(datagram.instance)
+        header = datagram.header
+        instance = self.instances.get(header.instance)
         if instance is None:
             # What a server sent before this sidecar started went to an earlier one (or nowhere
-            # when it had none): count from the first event seen, not from 1.
-            first = datagram.events[0]["seq"] if datagram.events else 1
-            instance = self.instances[datagram.instance] = _Instance(last_seq=first - 1)
+            # when it had none): count from the first event seen, not from 1, and count only the
+            # drops no earlier sidecar was told of.
+            first = next((e.seq for e in datagram.events if e.seq is not None), 1)
+            instance = self.instances[header.instance] = _Instance(
+                last_seq=first - 1,
+                dropped=header.dropped_reported,
+                unsendable=header.unsendable_reported,
+            )
         instance.last_seen = time.monotonic()
-        # Events the server dropped from a full buffer leave a gap too; count them once, as
-        # overflow, and only the rest of the gap as lost on the way.
-        overflow = max(0, datagram.dropped - instance.dropped)
-        if overflow:
-            self.metrics.server_overflow.inc(overflow)
-            instance.dropped = datagram.dropped
+        explained = self._server_losses(instance, header.dropped, header.unsendable)
         newest_ts = 0.0
         for event in datagram.events:
-            seq = event["seq"]
-            if seq <= instance.last_seq:
+            if event.seq is not None:
+                if event.seq <= instance.last_seq:
+                    continue
+                # Events the server dropped or could not send leave a gap too; count them once,
+                # as the server reported them, and only the rest of the gap as lost on the way.
+                gap = event.seq - instance.last_seq - 1
+                if gap:
+                    unexplained = max(0, gap - explained)
+                    explained = max(0, explained - gap)
+                    self.lost += unexplained
+                    self.metrics.events_lost.inc(unexplained)
+                instance.last_seq = event.seq
+            if isinstance(event, Malformed):
+                self.count_malformed()
+                log.warning("malformed event (seq %s): %s", event.seq, event.reason[:200])
                 continue
-            gap = seq - instance.last_seq - 1
-            if gap:
-                unexplained = max(0, gap - overflow)
-                overflow = max(0, overflow - gap)
-                self.lost += unexplained
-                self.metrics.events_lost.inc(unexplained)
-            instance.last_seq = seq
             self.received += 1
             self.metrics.events_received.inc()
-            newest_ts = max(newest_ts, float(event.get("ts", 0.0)))
-            try:
-                self._apply(instance, event)
-            except (KeyError, TypeError, ValueError) as exc:
-                self.count_malformed()
-                log.warning("malformed %s event: %s", event.get("kind"), exc)
+            newest_ts = max(newest_ts, event.ts)
+            self._apply(instance, event)
         if newest_ts:
             self.metrics.processing_lag.set(max(0.0, time.time() - newest_ts))
         self.metrics.keys_tracked.set(len(self.keys))
 
-    def _apply(self, instance: _Instance, event: dict[str, Any]) -> None:
-        kind = event["kind"]
-        if kind == "start":
-            if len(instance.live) >= _MAX_LIVE:
-                # Only lost `end` events leave entries behind; do not let them pile up.
-                instance.live.clear()
-            instance.live[event["rid"]] = (event["model"], event["key"])
-        elif kind == "first":
-            model, key = instance.live.get(event["rid"], ("unknown", "unknown"))
-            ttft = _seconds(event["ttft_ns"])
-            self.metrics.ttft.labels(model).observe(ttft)
-            self.stats.first_token(model, key, ttft)
-        elif kind == "gaps":
-            model, key = instance.live.get(event["rid"], ("unknown", "unknown"))
-            gaps_us = event["gaps_us"]
-            counts = self.metrics.inter_token.observe_many(model, gaps_us)
-            self.stats.gaps(model, key, counts, len(gaps_us))
-        elif kind == "end":
-            instance.live.pop(event["rid"], None)
-            self._finished(event)
-        elif kind == "state":
-            instance.last_state = time.monotonic()
-            model = instance.model = event["model"]
-            instance.state = {attr: event.get(attr) for attr in _STATE_FIELDS}
-            self.metrics.running.labels(model).set(event["running"])
-            self.metrics.waiting.labels(model).set(event["waiting"])
-            self.metrics.kv_cache_usage.labels(model).set(event["kv_usage"])
-        elif kind == "load":
-            model = instance.model = event["model"]
-            instance.engine = event["engine"]
-            instance.loaded = bool(event["loaded"])
-            self.metrics.model_loaded.labels(model, event["engine"]).set(
-                1 if event["loaded"] else 0
-            )
-            self.metrics.model_load_duration.labels(model).set(event["load_s"])
-            self.metrics.model_memory.labels(model).set(event["memory_bytes"])
-        elif kind == "ratelimit":
-            self._rate_limit(event)
+    def _server_losses(self, instance: _Instance, dropped: int, unsendable: int) -> int:
+        """Count what the server newly reports dropping; returns how many events that is."""
+        overflow = max(0, dropped - instance.dropped)
+        never_sent = max(0, unsendable - instance.unsendable)
+        if overflow:
+            self.metrics.server_overflow.inc(overflow)
+            instance.dropped = dropped
+        if never_sent:
+            self.metrics.events_unsendable.inc(never_sent)
+            instance.unsendable = unsendable
+        return overflow + never_sent
 
-    def _rate_limit(self, event: dict[str, Any]) -> None:
+    def _apply(self, instance: _Instance, event: AnyEvent) -> None:
+        match event:
+            case Start():
+                if len(instance.live) >= _MAX_LIVE:
+                    # Only lost `end` events leave entries behind; do not let them pile up.
+                    instance.live.clear()
+                instance.live[event.req] = (event.model, event.key)
+            case First():
+                model, key = instance.live.get(event.req, _UNKNOWN)
+                ttft = _seconds(event.ttft_ns)
+                self.metrics.ttft.labels(model).observe(ttft)
+                self.stats.first_token(model, key, ttft)
+            case Gaps():
+                model, key = instance.live.get(event.req, _UNKNOWN)
+                counts = self.metrics.inter_token.observe_many(model, event.gaps_us)
+                self.stats.gaps(model, key, counts, len(event.gaps_us))
+            case End():
+                instance.live.pop(event.req, None)
+                self._finished(event)
+            case State():
+                instance.last_state = time.monotonic()
+                model = instance.model = event.model
+                instance.state = {attr: getattr(event, attr) for attr in _STATE_FIELDS}
+                self.metrics.running.labels(model).set(event.running)
+                self.metrics.waiting.labels(model).set(event.waiting)
+                self.metrics.kv_cache_usage.labels(model).set(event.kv_usage)
+            case Load():
+                model = instance.model = event.model
+                instance.engine = event.engine
+                instance.loaded = event.loaded
+                self.metrics.model_loaded.labels(model, event.engine).set(1 if event.loaded else 0)
+                self.metrics.model_load_duration.labels(model).set(event.load_s)
+                self.metrics.model_memory.labels(model).set(event.memory_bytes)
+            case RateLimit():
+                self._rate_limit(event)
+
+    def _rate_limit(self, event: RateLimit) -> None:
         m = self.metrics
-        if event.get("backend_error"):
-            m.limiter_errors.labels("admitted" if event["allowed"] else "refused").inc()
+        if event.backend_error:
+            m.limiter_errors.labels("admitted" if event.allowed else "refused").inc()
             return
-        key = self.keys.label(event["key"])
-        if not event["allowed"]:
-            m.key_rate_limited.labels(key, event["limit"]).inc()
-        for name, (limit, remaining) in (event.get("state") or {}).items():
+        key = self.keys.label(event.key)
+        if not event.allowed:
+            m.key_rate_limited.labels(key, event.limit).inc()
+        for name, (limit, remaining) in event.state.items():
             left = max(0.0, remaining)
             utilization = min(1.0, max(0.0, 1 - remaining / limit)) if limit else 0.0
             m.key_limit.labels(key, name).set(limit)
@@ -232,39 +264,41 @@ class Recorder:
                 "utilization": round(utilization, 4),
             }
 
-    def _finished(self, event: dict[str, Any]) -> None:
+    def _finished(self, event: End) -> None:
         m = self.metrics
-        model, status, key = event["model"], event["status"], event["key"]
+        model, status, key = event.model, event.status, event.key
         key_label = self.keys.label(key)
-        prompt, completion = int(event["prompt_tokens"]), int(event["completion_tokens"])
+        prompt, completion = event.prompt_tokens, event.completion_tokens
         self.finished_requests += 1
 
-        m.requests.labels(model, event["endpoint"], status).inc()
+        m.requests.labels(model, event.endpoint, status).inc()
         m.key_requests.labels(key_label, status).inc()
-        m.request_duration.labels(model).observe(_seconds(event["e2e_ns"]))
-        if event.get("queue_ns") is not None:
-            m.queue_time.labels(model).observe(_seconds(event["queue_ns"]))
+        m.request_duration.labels(model).observe(_seconds(event.e2e_ns))
+        if event.queue_ns is not None:
+            m.queue_time.labels(model).observe(_seconds(event.queue_ns))
         if status in ("ok", "cancelled"):
             m.prompt_tokens.labels(model).inc(prompt)
             m.generation_tokens.labels(model).inc(completion)
-            m.cached_tokens.labels(model).inc(int(event.get("cached_tokens") or 0))
+            m.cached_tokens.labels(model).inc(event.cached_tokens)
             m.key_prompt_tokens.labels(key_label).inc(prompt)
             m.key_generation_tokens.labels(key_label).inc(completion)
         if status == "ok":
-            m.prefill_time.labels(model).observe(_seconds(event["prefill_ns"]))
+            m.prefill_time.labels(model).observe(_seconds(event.prefill_ns))
             m.prompt_tokens_hist.labels(model).observe(prompt)
             m.completion_tokens_hist.labels(model).observe(completion)
-            generation = _seconds(event["gen_ns"])
+            generation = _seconds(event.gen_ns)
             if completion > 1 and generation > 0:
                 m.time_per_output_token.labels(model).observe(generation / (completion - 1))
                 m.generation_rate.labels(model).observe((completion - 1) / generation)
         elif status == "cancelled":
-            m.cancelled.labels(event["cancel_reason"] or "unknown").inc()
+            m.cancelled.labels(event.cancel_reason or "unknown").inc()
             m.cancelled_tokens.inc(completion)
         elif status in ERROR_STATUSES:
-            error_type = event["error_type"] or status
+            error_type = event.error_type or status
             m.errors.labels(error_type).inc()
             m.key_errors.labels(key_label, error_type).inc()
         self.stats.finished(model, key, status, prompt, completion)
-        self.recent.add(event)
-        self.request_logger(event)
+        # The request log and the status page read the event as the flat fields it carries.
+        fields = msgspec.structs.asdict(event)
+        self.recent.add(fields)
+        self.request_logger(fields)

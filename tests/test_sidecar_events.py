@@ -6,12 +6,14 @@ import asyncio
 import socket
 
 import aiohttp
+import msgspec
 import pytest
 
+from server.telemetry import RequestTelemetry
 from sidecar.client import EventSender
 from sidecar.ingest import open_event_socket
 from sidecar.metrics import Metrics
-from sidecar.protocol import decode_datagram, encode_datagram, pack_event
+from sidecar.protocol import decode_datagram, encode_datagram
 from sidecar.recorder import KeyNames, Recorder
 from sidecar.stats import RollingStats, quantile
 from tests.conftest import SidecarStack
@@ -19,7 +21,7 @@ from tests.conftest import SidecarStack
 
 def end_event(seq: int, rid: str, key: str = "acme", status: str = "ok") -> dict[str, object]:
     return {
-        "seq": seq, "kind": "end", "ts": 0.0, "rid": rid, "key": key, "model": "m",
+        "seq": seq, "kind": "end", "ts": 0.0, "req": seq, "rid": rid, "key": key, "model": "m",
         "endpoint": "chat", "stream": True, "status": status, "http_status": 200,
         "finish_reason": "stop", "error_type": None, "error": None, "cancel_reason": None,
         "prompt_tokens": 3, "completion_tokens": 4, "cached_tokens": 0, "e2e_ns": 10**8,
@@ -39,7 +41,10 @@ def recorder(max_keys: int = 100) -> tuple[Recorder, list[dict[str, object]]]:
 
 
 def datagram(instance: str, dropped: int, events: list[dict[str, object]]) -> bytes:
-    return encode_datagram(instance, dropped, [pack_event(e) for e in events])
+    """A datagram of these events as they are, valid or not."""
+    return encode_datagram(
+        instance, [msgspec.msgpack.encode(e) for e in events], counts=(dropped, 0)
+    )
 
 
 async def send_raw(path: str, data: bytes) -> None:
@@ -61,7 +66,6 @@ async def start_sidecar_late(
             await asyncio.sleep(0.02)
     finally:
         transport.close()
-        sender.close()
     return rec, finished
 
 
@@ -74,6 +78,7 @@ async def test_events_wait_for_a_late_sidecar_and_arrive_in_order(short_tmp: str
     assert sender.buffered == 300 and sender.sent == 0
 
     rec, finished = await start_sidecar_late(sender, path, 300)
+    sender.close()
     assert [e["rid"] for e in finished] == [f"r{i}" for i in range(300)]
     assert rec.lost == 0 and sender.buffered == 0
 
@@ -86,6 +91,7 @@ async def test_overflow_is_dropped_oldest_first_and_counted(short_tmp: str):
     assert sender.dropped == 500
 
     rec, finished = await start_sidecar_late(sender, path, 1000)
+    sender.close()
     assert finished[0]["rid"] == "r500" and finished[-1]["rid"] == "r1499"
     assert rec.metrics.registry.get_sample_value("llm_sidecar_server_overflow_events_total") == 500
     assert rec.lost == 0
@@ -106,12 +112,18 @@ def test_gaps_are_lost_repeats_ignored_and_overflow_not_counted_twice():
     assert rec.lost == 2 and len(finished) == 5
 
 
-async def test_malformed_datagrams_are_counted_not_fatal(sidecar_stack: SidecarStack):
+async def test_malformed_datagrams_are_counted_not_fatal(sidecar_stack: SidecarStack) -> None:
     await send_raw(sidecar_stack.socket_path, b"\xc1 not msgpack")
     await send_raw(sidecar_stack.socket_path, datagram("a", 0, [{"seq": 1, "kind": "bogus"}]))
-    await send_raw(sidecar_stack.socket_path, datagram("a", 0, [{"seq": 1, "kind": "end"}]))
-    await send_raw(sidecar_stack.socket_path, datagram("a", 0, [end_event(2, "ok")]))
-    assert sidecar_stack.recorder.malformed == 3
+    await send_raw(sidecar_stack.socket_path, datagram("a", 0, [{"seq": 2, "kind": "end"}]))
+    # Each event is checked against its kind's definition on its own: a field of the wrong type
+    # or past its bound spoils that event only, and its number still counts as received.
+    wrong_type = {**end_event(3, "bad"), "prompt_tokens": "three"}
+    too_long = {**end_event(4, "long"), "error": "x" * 5000}
+    events = [wrong_type, too_long, end_event(5, "ok")]
+    await send_raw(sidecar_stack.socket_path, datagram("a", 0, events))
+    assert sidecar_stack.recorder.malformed == 5
+    assert sidecar_stack.recorder.lost == 0
     assert [e["rid"] for e in sidecar_stack.finished] == ["ok"]
 
 
@@ -158,3 +170,99 @@ async def test_stats_lists_the_busiest_keys_unless_asked_for_all(sidecar_stack: 
             assert (await response.json())["error"]["param"] == "keys"
     assert (len(default), len(every)) == (100, 150)
     assert set(top) == {f"k{number}" for number in range(140, 150)}
+
+
+async def test_a_restarted_sidecar_does_not_count_old_overflow_again(short_tmp: str) -> None:
+    path = f"{short_tmp}/restart.sock"
+    sender = EventSender(path, max_buffered=10)
+    for i in range(15):
+        sender.emit("end", **end_fields(f"r{i}"))
+    first, _ = await start_sidecar_late(sender, path, 10)
+    overflow = "llm_sidecar_server_overflow_events_total"
+    assert first.metrics.registry.get_sample_value(overflow) == 5
+
+    # The five were counted by the sidecar that saw them go; its successor must not count them.
+    sender.emit("end", **end_fields("after-restart"))
+    second, finished = await start_sidecar_late(sender, path, 1)
+    sender.close()
+    assert [e["rid"] for e in finished] == ["after-restart"]
+    assert second.metrics.registry.get_sample_value(overflow) == 0
+    assert second.lost == 0
+
+
+async def test_an_oversized_field_is_cut_and_later_events_still_flow(
+    sidecar_stack: SidecarStack,
+) -> None:
+    sender = sidecar_stack.sender()
+    sender.emit("end", **{**end_fields("huge"), "error": "x" * 300_000, "key": "k" * 300_000})
+    sender.emit("end", **end_fields("after"))
+    await sidecar_stack.wait_finished(2)
+    huge, after = sidecar_stack.finished
+    assert (huge["rid"], after["rid"]) == ("huge", "after")
+    assert huge["error"].startswith("xxxx") and len(huge["error"]) <= 2048
+    assert huge["key"].startswith("kkkk") and len(huge["key"]) <= 256
+    assert sender.buffered == 0
+    sender.close()
+
+
+async def test_text_that_is_not_utf8_never_raises_into_the_request_path(
+    sidecar_stack: SidecarStack,
+) -> None:
+    sender = sidecar_stack.sender()
+    # What surrogateescape makes of bytes that are not UTF-8, and a lone surrogate.
+    name = b"caf\xe9".decode("utf-8", "surrogateescape")
+    sender.emit("end", **{**end_fields("odd"), "key": name, "error": "bad \ud800 text"})
+    sender.emit("end", **end_fields("after"))
+    await sidecar_stack.wait_finished(2)
+    odd = sidecar_stack.finished[0]
+    assert odd["key"].startswith("caf") and odd["error"].startswith("bad ")
+    assert [e["rid"] for e in sidecar_stack.finished] == ["odd", "after"]
+    sender.close()
+
+
+async def test_a_datagram_too_large_for_the_socket_is_split(sidecar_stack: SidecarStack) -> None:
+    sender = sidecar_stack.sender()
+    # A socket that takes only small datagrams (as a lowered wmem_max would make it): a batch
+    # that does not fit is sent in smaller pieces, not retried for ever as if the sidecar were away.
+    sender._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    for i in range(100):
+        sender.emit("end", **end_fields(f"r{i}"))
+    await sidecar_stack.wait_finished(100)
+    assert [e["rid"] for e in sidecar_stack.finished] == [f"r{i}" for i in range(100)]
+    assert sidecar_stack.recorder.lost == 0
+    sender.close()
+
+
+async def test_an_event_that_can_never_be_sent_is_dropped_and_counted(
+    sidecar_stack: SidecarStack,
+) -> None:
+    sender = sidecar_stack.sender()
+    sender._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sender.emit("end", **end_fields("before"))
+    await sidecar_stack.wait_finished(1)
+    # Alone it is larger than the socket takes: it goes, counted, and the queue moves on.
+    sender.emit("end", **{**end_fields("too-big"), "error": "\U0001f600" * 2000})
+    sender.emit("end", **end_fields("after"))
+    await sidecar_stack.wait_finished(2)
+    assert [e["rid"] for e in sidecar_stack.finished] == ["before", "after"]
+    samples = await sidecar_stack.samples()
+    assert samples[("llm_sidecar_events_unsendable_total", ())] == 1
+    assert samples[("llm_sidecar_events_lost_total", ())] == 0
+    assert sender.buffered == 0
+    sender.close()
+
+
+async def test_a_huge_count_of_gaps_arrives_in_bounded_events(sidecar_stack: SidecarStack) -> None:
+    sender = sidecar_stack.sender()
+    telemetry = RequestTelemetry(
+        sender, request_id="bulk", key="acme", model="m", endpoint="completions", received_ns=0
+    )
+    telemetry.started(stream=False, prompt_tokens=1, queue_ns=0)
+    telemetry.written(1)
+    telemetry.written(300_000)
+    telemetry.finished("ok", 200)
+    await sidecar_stack.wait_finished(1)
+    samples = await sidecar_stack.samples()
+    assert samples[("llm_inter_token_latency_seconds_count", (("model", "m"),))] == 300_000
+    assert sidecar_stack.recorder.malformed == 0
+    sender.close()

@@ -208,3 +208,28 @@ async def test_disconnect_storm_logs_every_request_once(serve: ServerFactory, si
     assert gate.running == 0 and gate.waiting == 0
     statuses = {e["status"] for e in sidecar_stack.finished}
     assert "cancelled" in statuses
+
+
+async def test_requests_sharing_an_id_keep_their_own_model_and_key(
+    serve: ServerFactory, sidecar_stack: SidecarStack
+) -> None:
+    # Clients choose x-request-id: two concurrent requests with the same one are still two
+    # requests, and every sample of each belongs to the served model, none to "unknown".
+    server = await paced_server(serve, sidecar_stack)
+    headers = {"x-request-id": "same-id"}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+    async def shared_id() -> None:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                server.make_url("/v1/chat/completions"), json=body, headers=headers
+            ) as r:
+                assert r.status == 200 and r.headers["x-request-id"] == "same-id"
+                await r.read()
+
+    await asyncio.gather(shared_id(), shared_id())
+    await sidecar_stack.wait_finished(2)
+    s = await sidecar_stack.samples()
+    assert value(s, "llm_inter_token_latency_seconds_count", model=MODEL) == 2 * (TOKENS - 1)
+    assert value(s, "llm_time_to_first_token_seconds_count", model=MODEL) == 2
+    assert not [name for name, labels in s if ("model", "unknown") in labels]

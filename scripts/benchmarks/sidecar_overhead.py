@@ -24,7 +24,7 @@ import time
 
 import aiohttp
 
-from sidecar.protocol import encode_datagram, pack_event
+from sidecar.protocol import Gaps, encode_datagram, pack_event
 
 
 def progress(message: str) -> None:
@@ -139,12 +139,8 @@ def blast(path: str, seconds: float, gaps_per_event: int, events_per_datagram: i
         events = []
         for _ in range(events_per_datagram):
             seq += 1
-            events.append(
-                pack_event(
-                    {"seq": seq, "kind": "gaps", "ts": time.time(), "rid": "r", "gaps_us": gaps}
-                )
-            )
-        sock.sendto(encode_datagram("bench", 0, events), path)
+            events.append(pack_event(Gaps(seq=seq, ts=time.time(), req=1, gaps_us=gaps)))
+        sock.sendto(encode_datagram("bench", events), path)
         sent += gaps_per_event * events_per_datagram
     sock.close()
     return sent
