@@ -49,10 +49,6 @@ async def _exit_with_parent(parent_pid: int, stop: asyncio.Event) -> None:
 
 def run(settings: SidecarSettings, *, server_port: int, log_level: str = "info") -> int:
     """`server_port` is the configured port of the server it serves (names the event socket)."""
-    # Below the server's priority: on a saturated machine the request path keeps its CPU and
-    # the sidecar catches up from its socket buffer and the server's event buffer.
-    if settings.nice:
-        os.nice(settings.nice)
     configure_logging(
         f"{SERVICE}-sidecar",
         log_level,
@@ -61,7 +57,22 @@ def run(settings: SidecarSettings, *, server_port: int, log_level: str = "info")
         rotation=settings.log_file_rotation,
         retention=settings.log_file_retention,
     )
+    _lower_priority(settings.nice)
     return uvloop.run(_serve(settings, settings.resolved_socket_path(server_port)))
+
+
+def _lower_priority(nice: int) -> None:
+    """Run at niceness `nice`, below the server: on a saturated machine the request path keeps
+    its CPU and the sidecar catches up from its socket buffer and the server's event buffer.
+
+    Under systemd the unit's Nice= has done it already (its filter denies setpriority, which is
+    in @resources), so nothing is asked of the kernel then; a refusal is a warning, not a crash.
+    """
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) < nice:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except OSError as exc:
+        log.warning("cannot lower the sidecar's CPU priority to nice %d: %s", nice, exc)
 
 
 async def _serve(settings: SidecarSettings, socket_path: str) -> int:
