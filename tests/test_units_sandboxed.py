@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -87,6 +88,14 @@ def configure(unit: SandboxedUnit, text: str) -> None:
     path.write_text(text)
     os.chown(path, NOBODY, NOBODY)
     path.chmod(0o600)
+
+
+def two_free_ports() -> tuple[int, int]:
+    """Two different free loopback ports (two free_port() calls may return the same one)."""
+    with socket.socket() as one, socket.socket() as two:
+        one.bind(("127.0.0.1", 0))
+        two.bind(("127.0.0.1", 0))
+        return int(one.getsockname()[1]), int(two.getsockname()[1])
 
 
 def niceness(pid: int) -> int:
@@ -146,7 +155,7 @@ async def test_the_server_unit_loads_the_model_serves_and_stops_under_its_sandbo
 async def test_in_systemd_order_the_sidecar_records_every_request_of_the_drain(
     machine: dict[str, SandboxedUnit],
 ) -> None:
-    port, sidecar_port = free_port(), free_port()
+    port, sidecar_port = two_free_ports()
     configure(
         machine[SERVER],
         f"[server]\nport = {port}\ndrain_timeout_seconds = 3\n"
