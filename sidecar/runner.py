@@ -7,10 +7,13 @@ beside a server started with sidecar.spawn = false).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import signal
+import struct
 import sys
+import termios
 
 import uvloop
 from aiohttp import web
@@ -32,19 +35,46 @@ __all__ = ["run"]
 log = logging.getLogger("llmserve.sidecar")
 
 SERVICE = "llmserve"
-# Set by `llmserve serve` for the sidecar it starts (not a setting, so not LLMSERVE_-prefixed).
+# Set by `llmserve serve` for the sidecar it starts, whose stdin is then its lifeline (see
+# server.supervisor); not a setting, so not LLMSERVE_-prefixed.
 PARENT_PID_ENV = "_LLMSERVE_PARENT_PID"
-# After a stop signal, datagrams already in the socket are still read before exit.
-_DRAIN_SECONDS = 0.2
+# On the way out, datagrams already queued in the socket are read first, for up to this long
+# (at niceness 10 on a saturated machine the loop may get little CPU).
+_DRAIN_LIMIT_SECONDS = 5.0
 
 
-async def _exit_with_parent(parent_pid: int, stop: asyncio.Event) -> None:
-    """A child of `llmserve serve` stops when the server is gone, even after a kill -9."""
-    # Nothing signals a parent's death to a child, so look once a second.
-    while os.getppid() == parent_pid:  # noqa: ASYNC110
-        await asyncio.sleep(1.0)
-    log.warning("the server (pid %d) is gone; stopping", parent_pid)
-    stop.set()
+def _watch_lifeline(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """Stop when stdin, the server's pipe, closes: the server is done, or gone (kill -9 too)."""
+
+    def readable() -> None:
+        try:
+            data = os.read(0, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(0)
+            log.info("the server closed the sidecar's lifeline; stopping")
+            stop.set()
+
+    os.set_blocking(0, False)
+    loop.add_reader(0, readable)
+
+
+def _queued_bytes(transport: asyncio.DatagramTransport) -> int:
+    """The size of the next datagram waiting in the event socket (0: none)."""
+    sock = transport.get_extra_info("socket")
+    answer = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int(struct.unpack("i", answer)[0])
+
+
+async def _read_queued(transport: asyncio.DatagramTransport) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _DRAIN_LIMIT_SECONDS
+    # Nothing signals "socket empty": look while the loop reads it.
+    while _queued_bytes(transport) and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
 
 
 def run(settings: SidecarSettings, *, server_port: int, log_level: str = "info") -> int:
@@ -121,15 +151,17 @@ async def _serve(settings: SidecarSettings, socket_path: str) -> int:
     systemd.ready(f"metrics on {host}:{port}, events on {socket_path}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    parent = os.environ.get(PARENT_PID_ENV)
-    watchdog = loop.create_task(_exit_with_parent(int(parent), stop)) if parent else None
+    if PARENT_PID_ENV in os.environ:
+        # The server's drain still sends events: a signal to the process group waits for it.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, log.info, "stop signal: stopping with the server")
+        _watch_lifeline(loop, stop)
+    else:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     systemd.stopping("stopping")
-    if watchdog is not None:
-        watchdog.cancel()
-    await asyncio.sleep(_DRAIN_SECONDS)
+    await _read_queued(transport)
     transport.close()
     if loki is not None:
         await loki.stop()
