@@ -135,3 +135,24 @@ async def test_sigterm_during_a_long_model_load_exits_without_waiting_for_it(
     server.proc.send_signal(signal.SIGTERM)
     assert await server.finish(60) == 0
     assert any("stopped while the model was loading" in line for line in server.log)
+
+
+def gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie nobody has reaped yet."""
+    status = Path(f"/proc/{pid}/status")
+    return not status.exists() or "State:\tZ" in status.read_text()
+
+
+async def test_the_sidecar_child_stops_when_the_server_is_killed(
+    short_tmp: str, servers: list[Process]
+) -> None:
+    server, _, _ = await synthetic_server(servers, short_tmp)
+    child = int((await server.wait_for_line(r"sidecar started \(pid (\d+)\)"))[1])
+    await server.wait_for_line("ready: ")
+    server.proc.kill()
+    await server.proc.wait()
+    for _ in range(600):
+        if gone(child):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the sidecar child outlived its server by 30 s")
