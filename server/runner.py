@@ -33,6 +33,7 @@ from server.supervisor import SidecarSupervisor
 from sidecar.client import EventSender
 from sidecar.jsonlog import close_logging
 from sidecar.systemd_notify import SystemdNotifier
+from sidecar.undelivered import leave_count
 
 __all__ = ["run"]
 
@@ -178,7 +179,13 @@ async def _finish_events(events: EventSender | None, child: SidecarSupervisor | 
             break
         await asyncio.sleep(0.1)
     if events.buffered:
-        log.warning("%d events could not be delivered before exit", events.buffered)
+        log.warning(
+            "%d events could not be delivered before exit; the next sidecar on %s counts them "
+            "as lost",
+            events.buffered,
+            events.socket_path,
+        )
+        leave_count(events.socket_path, events.buffered)
     events.close()
 
 

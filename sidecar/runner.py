@@ -29,6 +29,7 @@ from sidecar.request_log import RequestLog
 from sidecar.settings import SidecarSettings
 from sidecar.stats import RollingStats
 from sidecar.systemd_notify import SystemdNotifier
+from sidecar.undelivered import take_count
 
 __all__ = ["run"]
 
@@ -126,6 +127,11 @@ async def _serve(settings: SidecarSettings, socket_path: str) -> int:
     except OSError as exc:
         log.error("cannot bind the event socket %s: %s", socket_path, exc)
         return 1
+    undelivered = take_count(socket_path)
+    if undelivered:
+        recorder.lost += undelivered
+        metrics.events_lost.inc(undelivered)
+        log.warning("a server exited with %d events it could not deliver: lost", undelivered)
     token = settings.token.get_secret_value() if settings.token else None
     runner = web.AppRunner(build_sidecar_app(recorder, token=token), access_log=None)
     await runner.setup()

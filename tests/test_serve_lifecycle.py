@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from tests.conftest import LLMSERVE, Process, free_port
-from tests.test_sidecar_process import logged_request_ids
+from tests.test_sidecar_process import logged_request_ids, sidecar_metric
 
 BODY = {"model": "synthetic", "prompt": "Hi", "max_tokens": 40, "stream": True}
 STREAMS = 10
@@ -34,10 +35,14 @@ async def servers() -> AsyncIterator[list[Process]]:
             await server.proc.wait()
 
 
-async def serve(servers: list[Process], *args: str, argv: list[str] = LLMSERVE) -> Process:
+SERVE = (*LLMSERVE, "serve", "--port", "0")
+
+
+async def serve(servers: list[Process], *args: str, argv: Sequence[str] = SERVE) -> Process:
+    """`llmserve serve` (or `argv`) with `args`, in a session of its own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVE_")}
     proc = await asyncio.create_subprocess_exec(
-        *argv, "serve", "--port", "0", *args,
+        *argv, *args,
         stderr=asyncio.subprocess.PIPE, env=env, start_new_session=True,
     )  # fmt: skip
     server = Process(proc)
@@ -129,7 +134,7 @@ async def test_sigterm_during_a_long_model_load_exits_without_waiting_for_it(
     server = await serve(
         servers,
         *("--sidecar-port", str(free_port()), "--sidecar-socket-path", f"{short_tmp}/ev.sock"),
-        argv=[sys.executable, "-c", ENDLESS_LOAD],
+        argv=[sys.executable, "-c", ENDLESS_LOAD, "serve", "--port", "0"],
     )
     await server.wait_for_line("with llama.cpp")
     server.proc.send_signal(signal.SIGTERM)
@@ -156,3 +161,38 @@ async def test_the_sidecar_child_stops_when_the_server_is_killed(
             return
         await asyncio.sleep(0.05)
     raise AssertionError("the sidecar child outlived its server by 30 s")
+
+
+async def test_events_a_server_could_not_deliver_are_counted_by_the_next_sidecar(
+    short_tmp: str, servers: list[Process]
+) -> None:
+    socket_path, sidecar_port = f"{short_tmp}/ev.sock", free_port()
+    server = await serve(
+        servers,
+        *("--engine", "synthetic", "--synthetic-completion-tokens", "3"),
+        *("--sidecar-spawn", "false", "--sidecar-socket-path", socket_path),
+    )
+    port = (await server.wait_for_line(r"listening on http://127\.0\.0\.1:(\d+)"))[1]
+    await server.wait_for_line("ready: ")
+    async with aiohttp.ClientSession() as session:
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        for _ in range(3):
+            async with session.post(url, json={**BODY, "stream": False}) as response:
+                assert response.status == 200
+    server.proc.send_signal(signal.SIGTERM)
+    assert await server.finish() == 0
+    undelivered = re.search(r"(\d+) events could not be delivered", "".join(server.log))
+    assert undelivered, server.log
+
+    sidecar = await serve(
+        servers,
+        *("--sidecar-port", str(sidecar_port), "--sidecar-socket-path", socket_path),
+        argv=[*LLMSERVE, "sidecar"],
+    )
+    lost = None
+    while lost is None and sidecar.proc.returncode is None:
+        await asyncio.sleep(0.1)
+        lost = await sidecar_metric(sidecar_port, "llm_sidecar_events_lost_total")
+    assert lost == int(undelivered[1]) > 0
+    sidecar.proc.send_signal(signal.SIGTERM)
+    assert await sidecar.finish() == 0
