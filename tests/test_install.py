@@ -59,7 +59,7 @@ async def serve_staged(destdir: Path, processes: list[Process]) -> Process:
 
 async def test_staged_install_serves_with_its_key_and_survives_a_reinstall(
     tmp_path: Path, processes: list[Process]
-):
+) -> None:
     port = free_port()
     # Without --first-key the keys file still exists: the server starts and answers 401.
     first = install(tmp_path, "--port", str(port))
