@@ -48,7 +48,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import free_port
-from tests.unit_sandbox import NOBODY, SandboxedUnit, Unit
+from tests.unit_sandbox import NOBODY, SandboxedUnit, Unit, device_nodes
 
 UNITS = Path(__file__).resolve().parent.parent / "scripts" / "systemd"
 SERVER, SIDECAR = "llmserve.service", "llmserve-sidecar.service"
@@ -111,6 +111,15 @@ def sample(metrics: str, name: str, **labels: str) -> float:
         for s in family.samples
         if s.name == name and labels.items() <= s.labels.items()
     )
+
+
+def test_device_allow_binds_in_only_the_devices_it_names() -> None:
+    # char-mem is major 1 (/dev/null, /dev/zero, ...); /dev/tty is major 5.
+    assert "/dev/null" in device_nodes(["char-mem rw"])
+    assert "/dev/tty" not in device_nodes(["char-mem rw"])
+    assert device_nodes(["/dev/null rw"]) == ["/dev/null"]
+    # No GPU on this machine: the units' NVIDIA groups name nothing here.
+    assert device_nodes(["char-nvidia-frontend rw", "char-nvidia-uvm rw"]) == []
 
 
 async def test_the_sidecar_unit_starts_serves_and_stops_under_its_sandbox(

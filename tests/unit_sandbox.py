@@ -104,14 +104,15 @@ def syscall_filter(values: list[str]) -> tuple[bool, set[str]] | None:
 
 def device_nodes(patterns: list[str]) -> list[str]:
     """Device nodes that DeviceAllow= entries (paths, globs, char-<group>) name on this host."""
-    groups = [p.split()[0].removeprefix("char-") for p in patterns if p.startswith("char-")]
+    entries = [pattern.split()[0] for pattern in patterns]  # without the access ("rw")
+    groups = [e.removeprefix("char-") for e in entries if e.startswith("char-")]
     majors = set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/devices").read_text().split("Block devices:")[0].splitlines():
             number, _, name = line.strip().partition(" ")
             if number.isdigit() and any(fnmatch.fnmatch(name, g) for g in groups):
                 majors.add(int(number))
-    nodes = {str(p) for e in patterns if e.startswith("/dev/") for p in Path("/").glob(e[1:])}
+    nodes = {str(p) for e in entries if e.startswith("/dev/") for p in Path("/").glob(e[1:])}
     for path in Path("/dev").iterdir():
         with contextlib.suppress(OSError):
             mode = path.lstat().st_mode
