@@ -123,7 +123,7 @@ def device_nodes(patterns: list[str]) -> list[str]:
 
 @dataclass
 class Unit:
-    """One [Service] section and the sandbox it asks for."""
+    """A unit file's settings, and the sandbox its [Service] section asks for."""
 
     path: Path
     sections: dict[str, dict[str, list[str]]] = field(init=False)
@@ -187,7 +187,6 @@ class SandboxedUnit:
 
     unit: Unit
     machine: Path
-    extra_env: dict[str, str] = field(default_factory=dict)
     process: asyncio.subprocess.Process | None = None
     _notify: socket.socket | None = None
     messages: list[str] = field(default_factory=list)
@@ -267,8 +266,9 @@ class SandboxedUnit:
             if unit.get(key):
                 env[key.upper().replace("DIRECTORY", "_DIRECTORY")] = f"{directory}/{unit.get(key)}"
         for value in unit.service.get("Environment", []):
-            env.update(word.split("=", 1) for word in shlex.split(value))  # type: ignore[misc]
-        env.update(self.extra_env)
+            for assignment in shlex.split(value):
+                variable, _, setting = assignment.partition("=")
+                env[variable] = setting
         filters = syscall_filter(unit.service.get("SystemCallFilter", []))
         proc_options = []
         if unit.get("ProtectProc") in ("invisible", "noaccess", "ptraceable"):
