@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,11 +31,17 @@ from server.ratelimit.redis_limiter import RedisLimiter, connect
 from server.state_reporter import StateReporter
 from server.supervisor import SidecarSupervisor
 from sidecar.client import EventSender
+from sidecar.jsonlog import close_logging
 from sidecar.systemd_notify import SystemdNotifier
+from sidecar.undelivered import leave_count
 
 __all__ = ["run"]
 
 log = logging.getLogger("llmserve")
+
+# At exit, how long undelivered events wait for a sidecar: any sidecar, and our own child.
+_PATIENCE_SECONDS = 2.0
+_CHILD_PATIENCE_SECONDS = 15.0
 
 
 def run(config: Config, sidecar_args: Sequence[str] = ()) -> int:
@@ -44,7 +52,25 @@ def run(config: Config, sidecar_args: Sequence[str] = ()) -> int:
     return uvloop.run(_serve(config, sidecar_args))
 
 
+class _StoppedWhileLoading(Exception):
+    """A stop signal came before the model finished loading."""
+
+
+def _exit_without_the_loader() -> None:
+    """Exit 0 now, leaving the model load's thread behind.
+
+    Python joins executor threads at exit, so a stop during a ten-minute load would otherwise
+    wait for the load (and systemd's TimeoutStopSec would end it with SIGKILL). Everything else
+    is done by now: the socket is closed, events are flushed, the sidecar child stopped.
+    """
+    close_logging()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 async def _serve(config: Config, sidecar_args: Sequence[str]) -> int:
+    abandoned = False
     try:
         keys = _load_keys(config)
         engine = create_engine(config)
@@ -63,10 +89,15 @@ async def _serve(config: Config, sidecar_args: Sequence[str]) -> int:
     limiter = _limiter(config)
     try:
         return await _serve_http(config, engine, events, keys, limiter)
+    except _StoppedWhileLoading:
+        abandoned = True
+        return 0
     finally:
-        await _finish_events(events)
+        await _finish_events(events, supervisor)
         if supervisor is not None:
             await supervisor.stop()
+        if abandoned:
+            _exit_without_the_loader()
 
 
 def _load_keys(config: Config) -> KeyStore | None:
@@ -75,6 +106,13 @@ def _load_keys(config: Config) -> KeyStore | None:
     if config.auth.keys_file:
         keys = KeyStore(Path(config.auth.keys_file))
         log.info("authentication on: %d API keys from %s", len(keys), config.auth.keys_file)
+        if not keys:
+            log.warning(
+                "no API keys in %s yet: every request gets 401 until one is created "
+                "(llmserve keys --file %s create NAME; the file is re-read by itself)",
+                config.auth.keys_file,
+                config.auth.keys_file,
+            )
         return keys
     if not is_loopback(host) and not config.auth.allow_unauthenticated:
         raise KeyFileError(
@@ -126,16 +164,28 @@ def _event_sender(config: Config) -> EventSender | None:
     return EventSender(path, max_buffered=config.sidecar.buffer_events)
 
 
-async def _finish_events(events: EventSender | None) -> None:
-    """Give a sidecar that is restarting a moment to take the last events."""
+async def _finish_events(events: EventSender | None, child: SidecarSupervisor | None) -> None:
+    """Give a sidecar that is restarting a moment to take the last events; our own child, while
+    it is alive (it may still be starting on a loaded machine), up to _CHILD_PATIENCE_SECONDS."""
     if events is None:
         return
-    for _ in range(20):
-        if events.flush_now():
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while not events.flush_now():
+        waited = loop.time() - started
+        if waited >= _PATIENCE_SECONDS and not (
+            child is not None and child.running and waited < _CHILD_PATIENCE_SECONDS
+        ):
             break
         await asyncio.sleep(0.1)
     if events.buffered:
-        log.warning("%d events could not be delivered before exit", events.buffered)
+        log.warning(
+            "%d events could not be delivered before exit; the next sidecar on %s counts them "
+            "as lost",
+            events.buffered,
+            events.socket_path,
+        )
+        leave_count(events.socket_path, events.buffered)
     events.close()
 
 
@@ -183,9 +233,9 @@ async def _serve_http(
     await asyncio.wait([load, asyncio.create_task(stop.wait())], return_when="FIRST_COMPLETED")
     if not load.done():
         load.cancel()
-        log.info("stopped while the model was loading")
+        log.info("stopped while the model was loading; not waiting for the load to finish")
         await runner.cleanup()
-        return 0
+        raise _StoppedWhileLoading
     try:
         info = load.result()
     except EngineError as exc:

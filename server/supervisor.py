@@ -2,6 +2,12 @@
 
 Events sent while it is away wait in the server's buffer (sidecar.client), so a crash or restart
 of the sidecar loses nothing within the buffer's bound and never touches a request.
+
+The child stops when its stdin, a pipe from this process, closes: when `stop()` closes it after
+the server's last events are sent, or when the server dies, even by kill -9. A SIGTERM or SIGINT
+to the whole process group (systemd's default KillMode, Ctrl-C in a terminal) reaches the child
+too, at the start of the server's drain; it ignores them, so it is still there to record the
+drain's requests.
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ class SidecarSupervisor:
         while not self._stopping:
             started = loop.time()
             try:
-                self.process = await asyncio.create_subprocess_exec(*self.argv, env=self._env())
+                self.process = await asyncio.create_subprocess_exec(
+                    *self.argv, env=self._env(), stdin=asyncio.subprocess.PIPE
+                )
             except OSError as exc:
                 log.error("cannot start the sidecar: %s", exc)
                 code: int | None = None
@@ -65,11 +73,21 @@ class SidecarSupervisor:
         env[PARENT_PID_ENV] = str(os.getpid())
         return env
 
-    async def stop(self, grace_seconds: float = 5.0) -> None:
+    @property
+    def running(self) -> bool:
+        """A child is alive (it may still be starting)."""
+        return self.process is not None and self.process.returncode is None
+
+    async def stop(self, grace_seconds: float = 10.0) -> None:
+        """Close the child's lifeline; it reads what is in its socket, stops, and is waited for.
+
+        `grace_seconds` covers its drain and its last push to Loki (3 s at most).
+        """
         self._stopping = True
         process = self.process
         if process is not None and process.returncode is None:
-            process.terminate()
+            assert process.stdin is not None
+            process.stdin.close()
             try:
                 await asyncio.wait_for(process.wait(), grace_seconds)
             except TimeoutError:

@@ -26,6 +26,9 @@ __all__ = ["LokiPusher", "build_push_body"]
 
 log = logging.getLogger("llmserve.sidecar.loki")
 
+# The sidecar unit's TimeoutStopSec is 10 s: the last push gets a part of it.
+STOP_SECONDS = 3.0
+
 
 @dataclass(frozen=True, slots=True)
 class LogLine:
@@ -86,15 +89,29 @@ class LokiPusher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def stop(self) -> None:
-        """Send what is buffered (one try), then stop."""
+    async def stop(self, seconds: float = STOP_SECONDS) -> None:
+        """Send what is buffered, for at most `seconds`; lines left over are dropped, counted
+        (llm_sidecar_loki_lines_dropped_total and the exit log line) and the sidecar exits."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        # A Loki that accepts and never answers would otherwise hold the exit for aiohttp's
+        # default 300 s, past systemd's TimeoutStopSec, and the sidecar would be killed.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds), aiohttp.ClientSession() as session:
+                while self._buffer:
+                    batch = list(itertools.islice(self._buffer, self.batch_lines))
+                    if not await self._send(session, batch):
+                        break
+                    for _ in batch:
+                        self._buffer.popleft()
         if self._buffer:
-            async with aiohttp.ClientSession() as session:
-                await self._send(session, list(self._buffer))
+            left = len(self._buffer)
+            self._buffer.clear()
+            self.dropped += left
+            self.metrics.log_lines_dropped.inc(left)
+            log.warning("%d log lines could not be pushed to Loki before exit", left)
 
     async def _run(self) -> None:
         backoff = self.interval

@@ -7,10 +7,13 @@ beside a server started with sidecar.spawn = false).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import signal
+import struct
 import sys
+import termios
 
 import uvloop
 from aiohttp import web
@@ -26,33 +29,57 @@ from sidecar.request_log import RequestLog
 from sidecar.settings import SidecarSettings
 from sidecar.stats import RollingStats
 from sidecar.systemd_notify import SystemdNotifier
+from sidecar.undelivered import take_count
 
 __all__ = ["run"]
 
 log = logging.getLogger("llmserve.sidecar")
 
 SERVICE = "llmserve"
-# Set by `llmserve serve` for the sidecar it starts (not a setting, so not LLMSERVE_-prefixed).
+# Set by `llmserve serve` for the sidecar it starts, whose stdin is then its lifeline (see
+# server.supervisor); not a setting, so not LLMSERVE_-prefixed.
 PARENT_PID_ENV = "_LLMSERVE_PARENT_PID"
-# After a stop signal, datagrams already in the socket are still read before exit.
-_DRAIN_SECONDS = 0.2
+# On the way out, datagrams already queued in the socket are read first, for up to this long
+# (at niceness 10 on a saturated machine the loop may get little CPU).
+_DRAIN_LIMIT_SECONDS = 5.0
 
 
-async def _exit_with_parent(parent_pid: int, stop: asyncio.Event) -> None:
-    """A child of `llmserve serve` stops when the server is gone, even after a kill -9."""
-    # Nothing signals a parent's death to a child, so look once a second.
-    while os.getppid() == parent_pid:  # noqa: ASYNC110
-        await asyncio.sleep(1.0)
-    log.warning("the server (pid %d) is gone; stopping", parent_pid)
-    stop.set()
+def _watch_lifeline(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """Stop when stdin, the server's pipe, closes: the server is done, or gone (kill -9 too)."""
+
+    def readable() -> None:
+        try:
+            data = os.read(0, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(0)
+            log.info("the server closed the sidecar's lifeline; stopping")
+            stop.set()
+
+    os.set_blocking(0, False)
+    loop.add_reader(0, readable)
+
+
+def _queued_bytes(transport: asyncio.DatagramTransport) -> int:
+    """The size of the next datagram waiting in the event socket (0: none)."""
+    sock = transport.get_extra_info("socket")
+    answer = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int(struct.unpack("i", answer)[0])
+
+
+async def _read_queued(transport: asyncio.DatagramTransport) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _DRAIN_LIMIT_SECONDS
+    # Nothing signals "socket empty": look while the loop reads it.
+    while _queued_bytes(transport) and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
 
 
 def run(settings: SidecarSettings, *, server_port: int, log_level: str = "info") -> int:
     """`server_port` is the configured port of the server it serves (names the event socket)."""
-    # Below the server's priority: on a saturated machine the request path keeps its CPU and
-    # the sidecar catches up from its socket buffer and the server's event buffer.
-    if settings.nice:
-        os.nice(settings.nice)
     configure_logging(
         f"{SERVICE}-sidecar",
         log_level,
@@ -61,7 +88,22 @@ def run(settings: SidecarSettings, *, server_port: int, log_level: str = "info")
         rotation=settings.log_file_rotation,
         retention=settings.log_file_retention,
     )
+    _lower_priority(settings.nice)
     return uvloop.run(_serve(settings, settings.resolved_socket_path(server_port)))
+
+
+def _lower_priority(nice: int) -> None:
+    """Run at niceness `nice`, below the server: on a saturated machine the request path keeps
+    its CPU and the sidecar catches up from its socket buffer and the server's event buffer.
+
+    Under systemd the unit's Nice= has done it already (its filter denies setpriority, which is
+    in @resources), so nothing is asked of the kernel then; a refusal is a warning, not a crash.
+    """
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) < nice:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except OSError as exc:
+        log.warning("cannot lower the sidecar's CPU priority to nice %d: %s", nice, exc)
 
 
 async def _serve(settings: SidecarSettings, socket_path: str) -> int:
@@ -85,6 +127,11 @@ async def _serve(settings: SidecarSettings, socket_path: str) -> int:
     except OSError as exc:
         log.error("cannot bind the event socket %s: %s", socket_path, exc)
         return 1
+    undelivered = take_count(socket_path)
+    if undelivered:
+        recorder.lost += undelivered
+        metrics.events_lost.inc(undelivered)
+        log.warning("a server exited with %d events it could not deliver: lost", undelivered)
     token = settings.token.get_secret_value() if settings.token else None
     runner = web.AppRunner(build_sidecar_app(recorder, token=token), access_log=None)
     await runner.setup()
@@ -110,15 +157,17 @@ async def _serve(settings: SidecarSettings, socket_path: str) -> int:
     systemd.ready(f"metrics on {host}:{port}, events on {socket_path}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    parent = os.environ.get(PARENT_PID_ENV)
-    watchdog = loop.create_task(_exit_with_parent(int(parent), stop)) if parent else None
+    if PARENT_PID_ENV in os.environ:
+        # The server's drain still sends events: a signal to the process group waits for it.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, log.info, "stop signal: stopping with the server")
+        _watch_lifeline(loop, stop)
+    else:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     systemd.stopping("stopping")
-    if watchdog is not None:
-        watchdog.cancel()
-    await asyncio.sleep(_DRAIN_SECONDS)
+    await _read_queued(transport)
     transport.close()
     if loki is not None:
         await loki.stop()

@@ -63,7 +63,7 @@ async def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> None:
     assert condition()
 
 
-async def test_push_matches_lokis_documented_format(aiohttp_server: Receiver):
+async def test_push_matches_lokis_documented_format(aiohttp_server: Receiver) -> None:
     loki = FakeLoki()
     server = await aiohttp_server(loki.app())
     push = pusher(str(server.make_url("/")))
@@ -92,7 +92,7 @@ async def test_push_matches_lokis_documented_format(aiohttp_server: Receiver):
     assert error_line["status"] == "error" and error_line["key"] == "globex"
 
 
-async def test_retries_5xx_and_429_then_delivers_once(aiohttp_server: Receiver):
+async def test_retries_5xx_and_429_then_delivers_once(aiohttp_server: Receiver) -> None:
     loki = FakeLoki([500, 429, 503])
     server = await aiohttp_server(loki.app())
     push = pusher(str(server.make_url("/")))
@@ -108,7 +108,7 @@ async def test_retries_5xx_and_429_then_delivers_once(aiohttp_server: Receiver):
 
 async def test_refused_connection_is_retried_and_the_buffer_is_bounded(
     aiohttp_server: Receiver,
-):
+) -> None:
     port = free_port()
     push = pusher(f"http://127.0.0.1:{port}", max_buffered=100, batch_lines=1000)
     push.start()
@@ -123,3 +123,25 @@ async def test_refused_connection_is_retried_and_the_buffer_is_bounded(
     await wait_for(lambda: len(loki.lines) == 100)
     await push.stop()
     assert [json.loads(line)["n"] for _, line, _ in loki.lines] == list(range(50, 150))
+
+
+async def test_stop_is_bounded_when_loki_never_answers_and_counts_what_it_could_not_push() -> None:
+    connections: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)  # accepted, read from by nobody, never answered
+
+    silent = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    push = pusher(f"http://127.0.0.1:{port}")
+    push.start()
+    for i in range(3):
+        push.push(json.dumps({"n": i}), "info", {"request_id": str(i), "key": "k"})
+    await wait_for(lambda: bool(connections))
+    # Well under aiohttp's default 300 s; well over the 3 s the final push may take.
+    await asyncio.wait_for(push.stop(), 30)
+    assert push.dropped == 3
+    assert push.metrics.registry.get_sample_value("llm_sidecar_loki_lines_dropped_total") == 3
+    silent.close()
+    for writer in connections:
+        writer.close()
