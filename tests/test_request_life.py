@@ -1,0 +1,188 @@
+"""A request's life from arrival to its single report: every way out is answered and logged once.
+
+Real HTTP over loopback against the synthetic engine (model speed is irrelevant here), the
+sidecar's own ingest on a private socket, and raw sockets for the clients that misbehave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from server.app import build_app
+from server.app_keys import SERVICE, STATE
+from server.engines.base import Engine
+from server.keys import KeyEntry, KeyStore, hash_secret, write_keys
+from tests.conftest import SidecarStack, make_config, synthetic_engine
+
+SECRETS = {name: f"sk-life-{name}-secret" for name in ("free", "rpm", "tight", "lease")}
+LIMITS: dict[str, dict[str, int]] = {
+    "free": {},
+    "rpm": {"rpm": 2},
+    "tight": {"tpm": 1000},
+    "lease": {"concurrency": 8},
+}
+
+
+def keys(directory: str) -> KeyStore:
+    path = Path(directory) / "keys.toml"
+    write_keys(
+        path,
+        {
+            name: KeyEntry(name=name, sha256=hash_secret(secret), **LIMITS[name])
+            for name, secret in SECRETS.items()
+        },
+    )
+    return KeyStore(path)
+
+
+def auth(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {SECRETS[name]}"}
+
+
+async def life_server(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    sidecar: SidecarStack,
+    directory: str,
+    engine: Engine,
+    *,
+    small_send_buffers: bool = False,
+    **overrides: str,
+) -> TestServer:
+    app = build_app(
+        engine,
+        make_config(**{"engine.kind": "synthetic", **overrides}),
+        events=sidecar.sender(),
+        keys=keys(directory),
+    )
+    app[STATE].loaded = True
+    if small_send_buffers:
+        app.on_response_prepare.append(_small_send_buffer)
+    return await aiohttp_server(app)
+
+
+async def _small_send_buffer(request: web.Request, _: web.StreamResponse) -> None:
+    # Fixed, the server's socket send buffer absorbs as much of a non-reading client's stream
+    # on every machine (Linux otherwise grows it as it sees fit).
+    assert request.transport is not None
+    sock = request.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+
+async def raw_request(
+    port: int, head: bytes, body: bytes = b""
+) -> tuple[asyncio.StreamReader, Any]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head + body)
+    await writer.drain()
+    return reader, writer
+
+
+async def stalled_stream(port: int, max_tokens: int, secret: str) -> Any:
+    """A client that asks for a stream and never reads a byte of it, with a tiny window."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    body = json.dumps(
+        {"model": "synthetic", "prompt": "x", "max_tokens": max_tokens, "stream": True}
+    ).encode()
+    _, writer = await asyncio.open_connection(sock=sock, limit=1024)
+    writer.write(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
+        % (secret.encode(), len(body), body)
+    )
+    await writer.drain()
+    return writer
+
+
+# With a 4 KB send buffer and a 4 KB receive window, streams of 400 to 620 tokens are written in full into the socket and the
+# transport's buffer, past its high-water mark, without a write ever having to wait: the only
+# wait left is the one at the end of the response.
+ENDING_IN_A_FULL_BUFFER = [410, 440, 470, 500, 530, 560, 590, 610]
+
+
+async def until(condition: Callable[[], bool], failure: str, seconds: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, failure
+        await asyncio.sleep(0.01)
+
+
+def fast_engine() -> Engine:
+    return synthetic_engine(
+        parallel="8",
+        first_token_seconds="0",
+        token_interval_seconds="0",
+        completion_tokens="100000",
+        context_length="200000",
+    )
+
+
+async def test_streams_stalled_at_their_end_free_slot_and_lease_at_once(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    sidecar_stack: SidecarStack,
+    short_tmp: str,
+):
+    # A send timeout far beyond the test: only releasing before the last flush can pass.
+    server = await life_server(
+        aiohttp_server,
+        sidecar_stack,
+        short_tmp,
+        fast_engine(),
+        small_send_buffers=True,
+        **{"server.send_timeout_seconds": "600"},
+    )
+    gate = server.app[SERVICE].gate
+    writers = [
+        await stalled_stream(server.port, n, SECRETS["lease"]) for n in ENDING_IN_A_FULL_BUFFER
+    ]
+    try:
+        # All written, none read: each stream is now at its last flush.
+        await until(lambda: gate.running == 0, "the stalled streams still hold their slots")
+        # Eight streams that once held all eight slots and the key's eight leases for ever;
+        # a ninth request of the same key is served.
+        async with aiohttp.ClientSession() as session:
+            body = {"model": "synthetic", "prompt": "x", "max_tokens": 2}
+            async with session.post(
+                server.make_url("/v1/completions"), json=body, headers=auth("lease")
+            ) as response:
+                assert response.status == 200
+    finally:
+        for writer in writers:
+            writer.close()
+
+
+async def test_streams_stalled_at_their_end_are_dropped_and_logged_once(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    sidecar_stack: SidecarStack,
+    short_tmp: str,
+):
+    server = await life_server(
+        aiohttp_server,
+        sidecar_stack,
+        short_tmp,
+        fast_engine(),
+        small_send_buffers=True,
+        **{"server.send_timeout_seconds": "1"},
+    )
+    writers = [
+        await stalled_stream(server.port, n, SECRETS["free"]) for n in ENDING_IN_A_FULL_BUFFER
+    ]
+    try:
+        await sidecar_stack.wait_finished(len(writers), seconds=60)
+    finally:
+        for writer in writers:
+            writer.close()
+    ends = [(e["status"], e["http_status"], e["cancel_reason"]) for e in sidecar_stack.finished]
+    assert Counter(ends) == {("cancelled", 200, "client_stalled"): len(writers)}
