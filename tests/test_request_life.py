@@ -7,6 +7,7 @@ sidecar's own ingest on a private socket, and raw sockets for the clients that m
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import socket
 from collections import Counter
@@ -186,3 +187,145 @@ async def test_streams_stalled_at_their_end_are_dropped_and_logged_once(
             writer.close()
     ends = [(e["status"], e["http_status"], e["cancel_reason"]) for e in sidecar_stack.finished]
     assert Counter(ends) == {("cancelled", 200, "client_stalled"): len(writers)}
+
+
+def slow_engine(**settings: str) -> Engine:
+    return synthetic_engine(
+        **{"parallel": "1", "first_token_seconds": "0", "token_interval_seconds": "0.01"},
+        **settings,
+    )
+
+
+async def read_status(reader: asyncio.StreamReader, seconds: float = 10.0) -> int:
+    line = await asyncio.wait_for(reader.readline(), seconds)
+    return int(line.split()[1])
+
+
+async def test_a_credential_that_is_not_utf8_is_a_401(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    sidecar_stack: SidecarStack,
+    short_tmp: str,
+):
+    server = await life_server(aiohttp_server, sidecar_stack, short_tmp, slow_engine())
+    for header in (b"Authorization: Bearer sk-\xff\xfe", b"x-api-key: \xc3\x28"):
+        reader, writer = await raw_request(
+            server.port,
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n%s\r\n\r\n{}"
+            % header,
+        )
+        assert await read_status(reader) == 401
+        writer.close()
+    await sidecar_stack.wait_finished(2)
+    assert {(e["http_status"], e["error_type"]) for e in sidecar_stack.finished} == {
+        (401, "invalid_api_key")
+    }
+
+
+async def test_an_oversize_body_is_logged_as_the_413_it_got(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    sidecar_stack: SidecarStack,
+    short_tmp: str,
+):
+    server = await life_server(aiohttp_server, sidecar_stack, short_tmp, slow_engine())
+    async with aiohttp.ClientSession() as session:
+        body = json.dumps({"model": "synthetic", "prompt": "x" * (1 << 20)}).encode()
+        async with session.post(
+            server.make_url("/v1/completions"),
+            data=io.BytesIO(body),
+            headers={**auth("free"), "Content-Type": "application/json"},
+        ) as response:
+            assert response.status == 413
+            assert (await response.json())["error"]["code"] == "request_too_large"
+    await sidecar_stack.wait_finished(1)
+    end = sidecar_stack.finished[0]
+    assert (end["status"], end["http_status"], end["error_type"]) == (
+        "invalid_request",
+        413,
+        "request_too_large",
+    )
+
+
+async def test_a_throttled_key_is_refused_before_its_body_is_read(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    sidecar_stack: SidecarStack,
+    short_tmp: str,
+):
+    server = await life_server(aiohttp_server, sidecar_stack, short_tmp, slow_engine())
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            async with session.post(
+                server.make_url("/v1/completions"),
+                json={"model": "synthetic", "prompt": "x", "max_tokens": 1},
+                headers=auth("rpm"),
+            ) as response:
+                assert response.status == 200
+    # Headers that announce a megabyte, and no body at all: the answer cannot wait for it.
+    reader, writer = await raw_request(
+        server.port,
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer %s\r\nContent-Length: 1000000\r\n\r\n" % SECRETS["rpm"].encode(),
+    )
+    assert await read_status(reader) == 429
+    writer.close()
+
+
+async def test_a_full_queue_does_not_spend_the_keys_requests(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    sidecar_stack: SidecarStack,
+    short_tmp: str,
+):
+    server = await life_server(
+        aiohttp_server,
+        sidecar_stack,
+        short_tmp,
+        slow_engine(completion_tokens="100000", context_length="200000"),
+        **{"server.max_waiting": "0"},
+    )
+    gate = server.app[SERVICE].gate
+    url = server.make_url("/v1/completions")
+    async with aiohttp.ClientSession() as session:
+        long = {"model": "synthetic", "prompt": "x", "max_tokens": 100000, "stream": True}
+        busy = await session.post(url, json=long, headers=auth("free"))
+        await until(lambda: gate.running == 1, "the long stream did not start")
+        short = {"model": "synthetic", "prompt": "x", "max_tokens": 1}
+        for _ in range(3):
+            async with session.post(url, json=short, headers=auth("rpm")) as response:
+                assert response.status == 503
+        busy.close()
+        await until(lambda: gate.running == 0, "the long stream was not stopped")
+        # The three 503s were the server's doing: the key still has both of its requests.
+        for _ in range(2):
+            async with session.post(url, json=short, headers=auth("rpm")) as response:
+                assert response.status == 200
+
+
+async def test_default_chat_calls_fit_a_small_token_limit(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    sidecar_stack: SidecarStack,
+    short_tmp: str,
+):
+    # The synthetic context is 8192 tokens, far above the key's 1000 tokens per minute.
+    server = await life_server(aiohttp_server, sidecar_stack, short_tmp, slow_engine())
+    client = openai.AsyncOpenAI(
+        base_url=str(server.make_url("/v1")), api_key=SECRETS["tight"], max_retries=2
+    )
+    reply = await client.chat.completions.create(
+        model="synthetic", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert reply.choices[0].message.content
+    await sidecar_stack.wait_finished(1)
+    # A request that can never fit is refused at once, and the client does not retry it.
+    try:
+        await client.chat.completions.create(
+            model="synthetic", messages=[{"role": "user", "content": "hi"}], max_tokens=2000
+        )
+    except openai.RateLimitError as exc:
+        refusal = exc
+    else:
+        raise AssertionError("a request above the key's token limit was admitted")
+    assert refusal.response.headers["x-should-retry"] == "false"
+    assert "retry-after" not in refusal.response.headers
+    assert "Lower max_tokens" in refusal.message
+    await sidecar_stack.wait_finished(2)
+    assert [e["http_status"] for e in sidecar_stack.finished] == [200, 429]
+    await client.close()
