@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import signal
 import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -19,12 +20,20 @@ import aiohttp
 import openai
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import build_app
 from server.app_keys import SERVICE, STATE
 from server.engines.base import Engine
 from server.keys import KeyEntry, KeyStore, hash_secret, write_keys
-from tests.conftest import SidecarStack, make_config, synthetic_engine
+from tests.conftest import (
+    Process,
+    SidecarStack,
+    free_port,
+    make_config,
+    start,
+    synthetic_engine,
+)
 
 SECRETS = {name: f"sk-life-{name}-secret" for name in ("free", "rpm", "tight", "lease")}
 LIMITS: dict[str, dict[str, int]] = {
@@ -107,9 +116,9 @@ async def stalled_stream(port: int, max_tokens: int, secret: str) -> Any:
     return writer
 
 
-# With a 4 KB send buffer and a 4 KB receive window, streams of 400 to 620 tokens are written in full into the socket and the
-# transport's buffer, past its high-water mark, without a write ever having to wait: the only
-# wait left is the one at the end of the response.
+# With a 4 KB send buffer and a 4 KB receive window, streams of 400 to 620 tokens are written in
+# full into the socket and the transport's buffer, past its high-water mark, without a write ever
+# having to wait: the only wait left is the one at the end of the response.
 ENDING_IN_A_FULL_BUFFER = [410, 440, 470, 500, 530, 560, 590, 610]
 
 
@@ -191,8 +200,12 @@ async def test_streams_stalled_at_their_end_are_dropped_and_logged_once(
 
 def slow_engine(**settings: str) -> Engine:
     return synthetic_engine(
-        **{"parallel": "1", "first_token_seconds": "0", "token_interval_seconds": "0.01"},
-        **settings,
+        **{
+            "parallel": "1",
+            "first_token_seconds": "0",
+            "token_interval_seconds": "0.01",
+            **settings,
+        }
     )
 
 
@@ -329,3 +342,79 @@ async def test_default_chat_calls_fit_a_small_token_limit(
     await sidecar_stack.wait_finished(2)
     assert [e["http_status"] for e in sidecar_stack.finished] == [200, 429]
     await client.close()
+
+
+async def sidecar_gauge(url: str, name: str) -> float | None:
+    async with aiohttp.ClientSession() as session:
+        try:
+            async with session.get(url) as response:
+                text = await response.text()
+        except aiohttp.ClientError:
+            return None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return None
+
+
+async def test_requests_still_queued_at_the_drain_timeout_get_a_clear_503(
+    short_tmp: str, processes: list[Process]
+):
+    log_file = Path(short_tmp) / "requests.log"
+    sidecar_port = free_port()
+    server = await start(
+        "serve",
+        *("--port", "0", "--llamacpp-parallel", "1", "--server-drain-timeout-seconds", "0.5"),
+        *("--sidecar-port", str(sidecar_port), "--sidecar-socket-path", f"{short_tmp}/ev.sock"),
+        *("--sidecar-log-file", str(log_file)),
+    )
+    processes.append(server)
+    port = (await server.wait_for_line(r"listening on http://127\.0\.0\.1:(\d+)"))[1]
+    model = (await server.wait_for_line(r"ready: .* serves model '([^']+)'"))[1]
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    chat = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Tell a long story."}],
+        "max_tokens": 1500,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    async with aiohttp.ClientSession() as session:
+
+        async def call(stream: bool) -> tuple[str, int, bytes]:
+            async with session.post(url, json={**chat, "stream": stream}) as response:
+                return response.headers["x-request-id"], response.status, await response.read()
+
+        running = await session.post(url, json={**chat, "stream": True})
+        await running.content.readuntil(b'"content":"')
+        queued = [asyncio.create_task(call(stream)) for stream in (True, False)]
+        metrics = f"http://127.0.0.1:{sidecar_port}/metrics"
+        for _ in range(600):
+            if await sidecar_gauge(metrics, "llm_requests_waiting") == 2:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the two requests were never seen queued")
+        server.proc.send_signal(signal.SIGTERM)
+        rest = await running.read()
+        running_id = running.headers["x-request-id"]
+        results = await asyncio.gather(*queued)
+    assert await server.finish() == 0
+
+    events = [e for e in rest.split(b"\n\n") if e.startswith(b"data: ")]
+    assert events[-1] == b"data: [DONE]"
+    assert json.loads(events[-2][len(b"data: ") :])["error"]["code"] == "generation_cancelled"
+    for _, status, raw in results:
+        assert status == 503
+        assert json.loads(raw)["error"]["code"] == "server_shutting_down"
+    lines = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+    ends = {
+        line["request_id"]: (line["status"], line["http_status"], line["cancel_reason"])
+        for line in lines
+        if line.get("msg") == "request finished"
+    }
+    assert len(ends) == 3
+    assert ends[running_id] == ("cancelled", 200, "shutdown")
+    for request_id, _, _ in results:
+        assert ends[request_id] == ("cancelled", 503, "shutdown")
