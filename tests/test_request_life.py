@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import openai
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
@@ -27,6 +28,7 @@ from server.app_keys import SERVICE, STATE
 from server.engines.base import Engine
 from server.keys import KeyEntry, KeyStore, hash_secret, write_keys
 from tests.conftest import (
+    ExLlamaV2Factory,
     Process,
     SidecarStack,
     free_port,
@@ -34,6 +36,7 @@ from tests.conftest import (
     start,
     synthetic_engine,
 )
+from tests.exllamav2_double.generator.dynamic import ExLlamaV2DynamicGenerator
 
 SECRETS = {name: f"sk-life-{name}-secret" for name in ("free", "rpm", "tight", "lease")}
 LIMITS: dict[str, dict[str, int]] = {
@@ -81,6 +84,15 @@ async def life_server(
     return await aiohttp_server(app)
 
 
+async def serve_plain(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], sidecar: SidecarStack, engine: Engine
+) -> TestServer:
+    """No keys, events to the sidecar: for the engine paths."""
+    app = build_app(engine, make_config(), events=sidecar.sender())
+    app[STATE].loaded = True
+    return await aiohttp_server(app)
+
+
 async def _small_send_buffer(request: web.Request, _: web.StreamResponse) -> None:
     # Fixed, the server's socket send buffer absorbs as much of a non-reading client's stream
     # on every machine (Linux otherwise grows it as it sees fit).
@@ -98,7 +110,9 @@ async def raw_request(
     return reader, writer
 
 
-async def stalled_stream(port: int, max_tokens: int, secret: str) -> Any:
+async def stalled_stream(
+    port: int, max_tokens: int, secret: str, request_id: str = "stalled"
+) -> Any:
     """A client that asks for a stream and never reads a byte of it, with a tiny window."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -109,8 +123,8 @@ async def stalled_stream(port: int, max_tokens: int, secret: str) -> Any:
     _, writer = await asyncio.open_connection(sock=sock, limit=1024)
     writer.write(
         b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
-        % (secret.encode(), len(body), body)
+        b"Authorization: Bearer %s\r\nx-request-id: %s\r\nContent-Length: %d\r\n\r\n%s"
+        % (secret.encode(), request_id.encode(), len(body), body)
     )
     await writer.drain()
     return writer
@@ -418,3 +432,94 @@ async def test_requests_still_queued_at_the_drain_timeout_get_a_clear_503(
     assert ends[running_id] == ("cancelled", 200, "shutdown")
     for request_id, _, _ in results:
         assert ends[request_id] == ("cancelled", 503, "shutdown")
+
+
+async def test_every_way_out_is_reported_once_with_its_status(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    sidecar_stack: SidecarStack,
+    short_tmp: str,
+    exllamav2_double: ExLlamaV2Factory,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    engine = synthetic_engine(
+        parallel="1",
+        first_token_seconds="0",
+        token_interval_seconds="0.001",
+        completion_tokens="100000",
+        context_length="200000",
+    )
+    server = await life_server(
+        aiohttp_server,
+        sidecar_stack,
+        short_tmp,
+        engine,
+        small_send_buffers=True,
+        **{"server.max_waiting": "1", "server.send_timeout_seconds": "1"},
+    )
+    gate = server.app[SERVICE].gate
+    url = server.make_url("/v1/completions")
+    expected: dict[str, tuple[str, int]] = {}
+
+    def body(max_tokens: int, stream: bool = False) -> dict[str, object]:
+        return {"model": "synthetic", "prompt": "x", "max_tokens": max_tokens, "stream": stream}
+
+    async def call(
+        rid: str, end: tuple[str, int], key: str = "free", **kwargs: Any
+    ) -> aiohttp.ClientResponse:
+        expected[rid] = end
+        headers = {**auth(key), "x-request-id": rid, **kwargs.pop("headers", {})}
+        return await session.post(url, headers=headers, **kwargs)
+
+    async with aiohttp.ClientSession() as session:
+        bad_key = {"Authorization": "Bearer sk-nobody"}
+        (await call("bad-key", ("invalid_request", 401), json=body(1), headers=bad_key)).close()
+        as_json = {"Content-Type": "application/json"}
+        (await call("bad-json", ("invalid_request", 400), data=b"{", headers=as_json)).close()
+        big = io.BytesIO(json.dumps({"model": "synthetic", "prompt": "x" * (1 << 20)}).encode())
+        (await call("too-large", ("invalid_request", 413), data=big, headers=as_json)).close()
+        for n in range(2):
+            (await call(f"rpm-{n}", ("ok", 200), "rpm", json=body(1))).close()
+        (await call("rpm-over", ("rate_limited", 429), "rpm", json=body(1))).close()
+
+        running = await call("gone-mid-stream", ("cancelled", 200), json=body(100000, True))
+        await running.content.readuntil(b'"text":"')
+        gone = asyncio.create_task(call("gone-queued", ("cancelled", 499), json=body(1)))
+        await until(lambda: gate.waiting == 1, "the request was not queued")
+        gone.cancel()
+        await until(lambda: gate.waiting == 0, "the cancelled request stayed queued")
+        queued = asyncio.create_task(call("served-later", ("ok", 200), json=body(3)))
+        await until(lambda: gate.waiting == 1, "the request was not queued")
+        (await call("queue-full", ("overloaded", 503), json=body(1))).close()
+        running.close()
+        (await queued).close()
+
+        expected["stalled"] = ("cancelled", 200)
+        stalled = await stalled_stream(server.port, 5000, SECRETS["free"], request_id="stalled")
+        await sidecar_stack.wait_finished(len(expected), seconds=30)
+        stalled.close()
+
+        at_shutdown = await call("shutdown", ("cancelled", 200), json=body(100000, True))
+        await at_shutdown.content.readuntil(b'"text":"')
+        await engine.close()
+        assert (await at_shutdown.read()).endswith(b"data: [DONE]\n\n")
+
+        failing = await exllamav2_double()
+        monkeypatch.setattr(ExLlamaV2DynamicGenerator, "fail_after_iterations", 5)
+        other = await serve_plain(aiohttp_server, sidecar_stack, failing)
+        expected["engine-error"] = ("error", 200)
+        async with session.post(
+            other.make_url("/v1/completions"),
+            json={**body(500, True), "model": failing.info.model_id, "ignore_eos": True},
+            headers={"x-request-id": "engine-error"},
+        ) as response:
+            assert b'"engine_error"' in await response.read()
+
+    await sidecar_stack.wait_finished(len(expected), seconds=30)
+    await asyncio.sleep(0.2)
+    ends = Counter(e["rid"] for e in sidecar_stack.finished)
+    assert ends == Counter(list(expected)), "every request is reported exactly once"
+    got = {e["rid"]: (e["status"], e["http_status"]) for e in sidecar_stack.finished}
+    assert got == expected
+    reasons = {e["rid"]: e["cancel_reason"] for e in sidecar_stack.finished}
+    assert reasons["gone-mid-stream"] == reasons["gone-queued"] == "client_disconnect"
+    assert reasons["stalled"] == "client_stalled" and reasons["shutdown"] == "shutdown"
