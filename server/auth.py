@@ -17,7 +17,7 @@ from server.keys import KeyEntry, KeyStore
 
 __all__ = ["ANONYMOUS", "AuthState", "is_loopback"]
 
-ANONYMOUS = KeyEntry(name="anonymous", sha256="0" * 64)
+ANONYMOUS = KeyEntry.model_validate({"name": "anonymous", "sha256": "0" * 64})
 
 
 @dataclass

@@ -9,16 +9,13 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from server.errors import APIError, InternalError, from_http_exception
 
 __all__ = ["REQUEST_ID", "REQUEST_ID_HEADER", "error_middleware"]
-
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 log = logging.getLogger("llmserve.http")
 

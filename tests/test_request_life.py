@@ -47,12 +47,19 @@ LIMITS: dict[str, dict[str, int]] = {
 }
 
 
+def port(server: TestServer) -> int:
+    assert server.port is not None
+    return server.port
+
+
 def keys(directory: str) -> KeyStore:
     path = Path(directory) / "keys.toml"
     write_keys(
         path,
         {
-            name: KeyEntry(name=name, sha256=hash_secret(secret), **LIMITS[name])
+            name: KeyEntry.model_validate(
+                {"name": name, "sha256": hash_secret(secret), **LIMITS[name]}
+            )
             for name, secret in SECRETS.items()
         },
     )
@@ -70,11 +77,11 @@ async def life_server(
     engine: Engine,
     *,
     small_send_buffers: bool = False,
-    **overrides: str,
+    settings: dict[str, str] | None = None,
 ) -> TestServer:
     app = build_app(
         engine,
-        make_config(**{"engine.kind": "synthetic", **overrides}),
+        make_config(**{"engine.kind": "synthetic", **(settings or {})}),
         events=sidecar.sender(),
         keys=keys(directory),
     )
@@ -157,7 +164,7 @@ async def test_streams_stalled_at_their_end_free_slot_and_lease_at_once(
     aiohttp_server: Callable[..., Awaitable[TestServer]],
     sidecar_stack: SidecarStack,
     short_tmp: str,
-):
+) -> None:
     # A send timeout far beyond the test: only releasing before the last flush can pass.
     server = await life_server(
         aiohttp_server,
@@ -165,11 +172,11 @@ async def test_streams_stalled_at_their_end_free_slot_and_lease_at_once(
         short_tmp,
         fast_engine(),
         small_send_buffers=True,
-        **{"server.send_timeout_seconds": "600"},
+        settings={"server.send_timeout_seconds": "600"},
     )
     gate = server.app[SERVICE].gate
     writers = [
-        await stalled_stream(server.port, n, SECRETS["lease"]) for n in ENDING_IN_A_FULL_BUFFER
+        await stalled_stream(port(server), n, SECRETS["lease"]) for n in ENDING_IN_A_FULL_BUFFER
     ]
     try:
         # All written, none read: each stream is now at its last flush.
@@ -191,17 +198,17 @@ async def test_streams_stalled_at_their_end_are_dropped_and_logged_once(
     aiohttp_server: Callable[..., Awaitable[TestServer]],
     sidecar_stack: SidecarStack,
     short_tmp: str,
-):
+) -> None:
     server = await life_server(
         aiohttp_server,
         sidecar_stack,
         short_tmp,
         fast_engine(),
         small_send_buffers=True,
-        **{"server.send_timeout_seconds": "1"},
+        settings={"server.send_timeout_seconds": "1"},
     )
     writers = [
-        await stalled_stream(server.port, n, SECRETS["free"]) for n in ENDING_IN_A_FULL_BUFFER
+        await stalled_stream(port(server), n, SECRETS["free"]) for n in ENDING_IN_A_FULL_BUFFER
     ]
     try:
         await sidecar_stack.wait_finished(len(writers), seconds=60)
@@ -232,11 +239,11 @@ async def test_a_credential_that_is_not_utf8_is_a_401(
     aiohttp_server: Callable[..., Awaitable[TestServer]],
     sidecar_stack: SidecarStack,
     short_tmp: str,
-):
+) -> None:
     server = await life_server(aiohttp_server, sidecar_stack, short_tmp, slow_engine())
     for header in (b"Authorization: Bearer sk-\xff\xfe", b"x-api-key: \xc3\x28"):
         reader, writer = await raw_request(
-            server.port,
+            port(server),
             b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n%s\r\n\r\n{}"
             % header,
         )
@@ -252,7 +259,7 @@ async def test_an_oversize_body_is_logged_as_the_413_it_got(
     aiohttp_server: Callable[..., Awaitable[TestServer]],
     sidecar_stack: SidecarStack,
     short_tmp: str,
-):
+) -> None:
     server = await life_server(aiohttp_server, sidecar_stack, short_tmp, slow_engine())
     async with aiohttp.ClientSession() as session:
         body = json.dumps({"model": "synthetic", "prompt": "x" * (1 << 20)}).encode()
@@ -276,7 +283,7 @@ async def test_a_throttled_key_is_refused_before_its_body_is_read(
     aiohttp_server: Callable[..., Awaitable[TestServer]],
     sidecar_stack: SidecarStack,
     short_tmp: str,
-):
+) -> None:
     server = await life_server(aiohttp_server, sidecar_stack, short_tmp, slow_engine())
     async with aiohttp.ClientSession() as session:
         for _ in range(2):
@@ -288,7 +295,7 @@ async def test_a_throttled_key_is_refused_before_its_body_is_read(
                 assert response.status == 200
     # Headers that announce a megabyte, and no body at all: the answer cannot wait for it.
     reader, writer = await raw_request(
-        server.port,
+        port(server),
         b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Authorization: Bearer %s\r\nContent-Length: 1000000\r\n\r\n" % SECRETS["rpm"].encode(),
     )
@@ -300,13 +307,13 @@ async def test_a_full_queue_does_not_spend_the_keys_requests(
     aiohttp_server: Callable[..., Awaitable[TestServer]],
     sidecar_stack: SidecarStack,
     short_tmp: str,
-):
+) -> None:
     server = await life_server(
         aiohttp_server,
         sidecar_stack,
         short_tmp,
         slow_engine(completion_tokens="100000", context_length="200000"),
-        **{"server.max_waiting": "0"},
+        settings={"server.max_waiting": "0"},
     )
     gate = server.app[SERVICE].gate
     url = server.make_url("/v1/completions")
@@ -330,7 +337,7 @@ async def test_default_chat_calls_fit_a_small_token_limit(
     aiohttp_server: Callable[..., Awaitable[TestServer]],
     sidecar_stack: SidecarStack,
     short_tmp: str,
-):
+) -> None:
     # The synthetic context is 8192 tokens, far above the key's 1000 tokens per minute.
     server = await life_server(aiohttp_server, sidecar_stack, short_tmp, slow_engine())
     client = openai.AsyncOpenAI(
@@ -374,7 +381,7 @@ async def sidecar_gauge(url: str, name: str) -> float | None:
 
 async def test_requests_still_queued_at_the_drain_timeout_get_a_clear_503(
     short_tmp: str, processes: list[Process]
-):
+) -> None:
     log_file = Path(short_tmp) / "requests.log"
     sidecar_port = free_port()
     server = await start(
@@ -440,7 +447,7 @@ async def test_every_way_out_is_reported_once_with_its_status(
     short_tmp: str,
     exllamav2_double: ExLlamaV2Factory,
     monkeypatch: pytest.MonkeyPatch,
-):
+) -> None:
     engine = synthetic_engine(
         parallel="1",
         first_token_seconds="0",
@@ -454,7 +461,7 @@ async def test_every_way_out_is_reported_once_with_its_status(
         short_tmp,
         engine,
         small_send_buffers=True,
-        **{"server.max_waiting": "1", "server.send_timeout_seconds": "1"},
+        settings={"server.max_waiting": "1", "server.send_timeout_seconds": "1"},
     )
     gate = server.app[SERVICE].gate
     url = server.make_url("/v1/completions")
@@ -494,7 +501,7 @@ async def test_every_way_out_is_reported_once_with_its_status(
         (await queued).close()
 
         expected["stalled"] = ("cancelled", 200)
-        stalled = await stalled_stream(server.port, 5000, SECRETS["free"], request_id="stalled")
+        stalled = await stalled_stream(port(server), 5000, SECRETS["free"], request_id="stalled")
         await sidecar_stack.wait_finished(len(expected), seconds=30)
         stalled.close()
 

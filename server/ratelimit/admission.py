@@ -70,7 +70,8 @@ class KeyAdmission:
         try:
             decision = await self.limiter.admit(part, tokens)
         except LimiterUnavailable as exc:
-            return self._unavailable(key, request_id, exc)
+            self._unavailable(key, request_id, exc)
+            return None
         self._report(key, request_id, decision)
         if not decision.allowed:
             if decision.never:
