@@ -12,9 +12,10 @@ import json
 import signal
 import socket
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import openai
@@ -30,6 +31,7 @@ from server.keys import KeyEntry, KeyStore, hash_secret, write_keys
 from tests.conftest import (
     ExLlamaV2Factory,
     Process,
+    ServerFactory,
     SidecarStack,
     free_port,
     make_config,
@@ -70,34 +72,42 @@ def auth(name: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {SECRETS[name]}"}
 
 
-async def life_server(
+class LifeServers(Protocol):
+    def __call__(
+        self,
+        engine: Engine,
+        *,
+        small_send_buffers: bool = False,
+        settings: dict[str, str] | None = None,
+    ) -> Awaitable[TestServer]: ...
+
+
+@pytest.fixture
+def life_server(
     aiohttp_server: Callable[..., Awaitable[TestServer]],
-    sidecar: SidecarStack,
-    directory: str,
-    engine: Engine,
-    *,
-    small_send_buffers: bool = False,
-    settings: dict[str, str] | None = None,
-) -> TestServer:
-    app = build_app(
-        engine,
-        make_config(**{"engine.kind": "synthetic", **(settings or {})}),
-        events=sidecar.sender(),
-        keys=keys(directory),
-    )
-    app[STATE].loaded = True
-    if small_send_buffers:
-        app.on_response_prepare.append(_small_send_buffer)
-    return await aiohttp_server(app)
+    sidecar_stack: SidecarStack,
+    short_tmp: str,
+) -> LifeServers:
+    """life_server(engine, ...) -> a server with this module's keys, reporting to the sidecar."""
 
+    async def make(
+        engine: Engine,
+        *,
+        small_send_buffers: bool = False,
+        settings: dict[str, str] | None = None,
+    ) -> TestServer:
+        app = build_app(
+            engine,
+            make_config(**{"engine.kind": "synthetic", **(settings or {})}),
+            events=sidecar_stack.sender(),
+            keys=keys(short_tmp),
+        )
+        app[STATE].loaded = True
+        if small_send_buffers:
+            app.on_response_prepare.append(_small_send_buffer)
+        return await aiohttp_server(app)
 
-async def serve_plain(
-    aiohttp_server: Callable[..., Awaitable[TestServer]], sidecar: SidecarStack, engine: Engine
-) -> TestServer:
-    """No keys, events to the sidecar: for the engine paths."""
-    app = build_app(engine, make_config(), events=sidecar.sender())
-    app[STATE].loaded = True
-    return await aiohttp_server(app)
+    return make
 
 
 async def _small_send_buffer(request: web.Request, _: web.StreamResponse) -> None:
@@ -160,25 +170,33 @@ def fast_engine() -> Engine:
     )
 
 
-async def test_streams_stalled_at_their_end_free_slot_and_lease_at_once(
-    aiohttp_server: Callable[..., Awaitable[TestServer]],
-    sidecar_stack: SidecarStack,
-    short_tmp: str,
-) -> None:
-    # A send timeout far beyond the test: only releasing before the last flush can pass.
+@asynccontextmanager
+async def streams_stalled_at_their_end(
+    life_server: LifeServers,
+    *,
+    send_timeout: str,
+    key: str,
+) -> AsyncIterator[TestServer]:
+    """A server with eight streams whose clients read nothing, each ending in a full buffer."""
     server = await life_server(
-        aiohttp_server,
-        sidecar_stack,
-        short_tmp,
         fast_engine(),
         small_send_buffers=True,
-        settings={"server.send_timeout_seconds": "600"},
+        settings={"server.send_timeout_seconds": send_timeout},
     )
-    gate = server.app[SERVICE].gate
-    writers = [
-        await stalled_stream(port(server), n, SECRETS["lease"]) for n in ENDING_IN_A_FULL_BUFFER
-    ]
+    writers = [await stalled_stream(port(server), n, SECRETS[key]) for n in ENDING_IN_A_FULL_BUFFER]
     try:
+        yield server
+    finally:
+        for writer in writers:
+            writer.close()
+
+
+async def test_streams_stalled_at_their_end_free_slot_and_lease_at_once(
+    life_server: LifeServers, sidecar_stack: SidecarStack
+) -> None:
+    # A send timeout far beyond the test: only releasing before the last flush can pass.
+    async with streams_stalled_at_their_end(life_server, send_timeout="600", key="lease") as server:
+        gate = server.app[SERVICE].gate
         # All written, none read: each stream is now at its last flush.
         await until(lambda: gate.running == 0, "the stalled streams still hold their slots")
         # Eight streams that once held all eight slots and the key's eight leases for ever;
@@ -189,34 +207,15 @@ async def test_streams_stalled_at_their_end_free_slot_and_lease_at_once(
                 server.make_url("/v1/completions"), json=body, headers=auth("lease")
             ) as response:
                 assert response.status == 200
-    finally:
-        for writer in writers:
-            writer.close()
 
 
 async def test_streams_stalled_at_their_end_are_dropped_and_logged_once(
-    aiohttp_server: Callable[..., Awaitable[TestServer]],
-    sidecar_stack: SidecarStack,
-    short_tmp: str,
+    life_server: LifeServers, sidecar_stack: SidecarStack
 ) -> None:
-    server = await life_server(
-        aiohttp_server,
-        sidecar_stack,
-        short_tmp,
-        fast_engine(),
-        small_send_buffers=True,
-        settings={"server.send_timeout_seconds": "1"},
-    )
-    writers = [
-        await stalled_stream(port(server), n, SECRETS["free"]) for n in ENDING_IN_A_FULL_BUFFER
-    ]
-    try:
-        await sidecar_stack.wait_finished(len(writers), seconds=60)
-    finally:
-        for writer in writers:
-            writer.close()
+    async with streams_stalled_at_their_end(life_server, send_timeout="1", key="free"):
+        await sidecar_stack.wait_finished(len(ENDING_IN_A_FULL_BUFFER), seconds=60)
     ends = [(e["status"], e["http_status"], e["cancel_reason"]) for e in sidecar_stack.finished]
-    assert Counter(ends) == {("cancelled", 200, "client_stalled"): len(writers)}
+    assert Counter(ends) == {("cancelled", 200, "client_stalled"): len(ENDING_IN_A_FULL_BUFFER)}
 
 
 def slow_engine(**settings: str) -> Engine:
@@ -236,11 +235,9 @@ async def read_status(reader: asyncio.StreamReader, seconds: float = 10.0) -> in
 
 
 async def test_a_credential_that_is_not_utf8_is_a_401(
-    aiohttp_server: Callable[..., Awaitable[TestServer]],
-    sidecar_stack: SidecarStack,
-    short_tmp: str,
+    life_server: LifeServers, sidecar_stack: SidecarStack
 ) -> None:
-    server = await life_server(aiohttp_server, sidecar_stack, short_tmp, slow_engine())
+    server = await life_server(slow_engine())
     for header in (b"Authorization: Bearer sk-\xff\xfe", b"x-api-key: \xc3\x28"):
         reader, writer = await raw_request(
             port(server),
@@ -256,11 +253,9 @@ async def test_a_credential_that_is_not_utf8_is_a_401(
 
 
 async def test_an_oversize_body_is_logged_as_the_413_it_got(
-    aiohttp_server: Callable[..., Awaitable[TestServer]],
-    sidecar_stack: SidecarStack,
-    short_tmp: str,
+    life_server: LifeServers, sidecar_stack: SidecarStack
 ) -> None:
-    server = await life_server(aiohttp_server, sidecar_stack, short_tmp, slow_engine())
+    server = await life_server(slow_engine())
     async with aiohttp.ClientSession() as session:
         body = json.dumps({"model": "synthetic", "prompt": "x" * (1 << 20)}).encode()
         async with session.post(
@@ -280,11 +275,9 @@ async def test_an_oversize_body_is_logged_as_the_413_it_got(
 
 
 async def test_a_throttled_key_is_refused_before_its_body_is_read(
-    aiohttp_server: Callable[..., Awaitable[TestServer]],
-    sidecar_stack: SidecarStack,
-    short_tmp: str,
+    life_server: LifeServers, sidecar_stack: SidecarStack
 ) -> None:
-    server = await life_server(aiohttp_server, sidecar_stack, short_tmp, slow_engine())
+    server = await life_server(slow_engine())
     async with aiohttp.ClientSession() as session:
         for _ in range(2):
             async with session.post(
@@ -304,14 +297,9 @@ async def test_a_throttled_key_is_refused_before_its_body_is_read(
 
 
 async def test_a_full_queue_does_not_spend_the_keys_requests(
-    aiohttp_server: Callable[..., Awaitable[TestServer]],
-    sidecar_stack: SidecarStack,
-    short_tmp: str,
+    life_server: LifeServers, sidecar_stack: SidecarStack
 ) -> None:
     server = await life_server(
-        aiohttp_server,
-        sidecar_stack,
-        short_tmp,
         slow_engine(completion_tokens="100000", context_length="200000"),
         settings={"server.max_waiting": "0"},
     )
@@ -334,12 +322,10 @@ async def test_a_full_queue_does_not_spend_the_keys_requests(
 
 
 async def test_default_chat_calls_fit_a_small_token_limit(
-    aiohttp_server: Callable[..., Awaitable[TestServer]],
-    sidecar_stack: SidecarStack,
-    short_tmp: str,
+    life_server: LifeServers, sidecar_stack: SidecarStack
 ) -> None:
     # The synthetic context is 8192 tokens, far above the key's 1000 tokens per minute.
-    server = await life_server(aiohttp_server, sidecar_stack, short_tmp, slow_engine())
+    server = await life_server(slow_engine())
     client = openai.AsyncOpenAI(
         base_url=str(server.make_url("/v1")), api_key=SECRETS["tight"], max_retries=2
     )
@@ -442,9 +428,9 @@ async def test_requests_still_queued_at_the_drain_timeout_get_a_clear_503(
 
 
 async def test_every_way_out_is_reported_once_with_its_status(
-    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    life_server: LifeServers,
     sidecar_stack: SidecarStack,
-    short_tmp: str,
+    serve: ServerFactory,
     exllamav2_double: ExLlamaV2Factory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -456,9 +442,6 @@ async def test_every_way_out_is_reported_once_with_its_status(
         context_length="200000",
     )
     server = await life_server(
-        aiohttp_server,
-        sidecar_stack,
-        short_tmp,
         engine,
         small_send_buffers=True,
         settings={"server.max_waiting": "1", "server.send_timeout_seconds": "1"},
@@ -512,7 +495,7 @@ async def test_every_way_out_is_reported_once_with_its_status(
 
         failing = await exllamav2_double()
         monkeypatch.setattr(ExLlamaV2DynamicGenerator, "fail_after_iterations", 5)
-        other = await serve_plain(aiohttp_server, sidecar_stack, failing)
+        other = await serve(failing, events=sidecar_stack.sender())
         expected["engine-error"] = ("error", 200)
         async with session.post(
             other.make_url("/v1/completions"),
