@@ -234,22 +234,28 @@ async def read_status(reader: asyncio.StreamReader, seconds: float = 10.0) -> in
     return int(line.split()[1])
 
 
-async def test_a_credential_that_is_not_utf8_is_a_401(
+async def test_header_bytes_that_are_not_utf8_get_a_4xx_and_a_log_line(
     life_server: LifeServers, sidecar_stack: SidecarStack
 ) -> None:
     server = await life_server(slow_engine())
-    for header in (b"Authorization: Bearer sk-\xff\xfe", b"x-api-key: \xc3\x28"):
+    key = b"Authorization: Bearer " + SECRETS["free"].encode()
+    cases = [
+        (b"Authorization: Bearer sk-\xff\xfe", 401, "invalid_api_key"),
+        (b"x-api-key: \xc3\x28", 401, "invalid_api_key"),
+        (key + b"\r\nContent-Type: application/\xff", 415, "unsupported_media_type"),
+        (key + b"\r\nx-request-id: \xff\xfe", 400, "missing_required_parameter"),
+    ]
+    for header, status, _ in cases:
         reader, writer = await raw_request(
             port(server),
             b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n%s\r\n\r\n{}"
             % header,
         )
-        assert await read_status(reader) == 401
+        assert await read_status(reader) == status
         writer.close()
-    await sidecar_stack.wait_finished(2)
-    assert {(e["http_status"], e["error_type"]) for e in sidecar_stack.finished} == {
-        (401, "invalid_api_key")
-    }
+    await sidecar_stack.wait_finished(len(cases))
+    logged = [(e["http_status"], e["error_type"]) for e in sidecar_stack.finished]
+    assert sorted(logged) == sorted((status, code) for _, status, code in cases)
 
 
 async def test_an_oversize_body_is_logged_as_the_413_it_got(
