@@ -29,6 +29,12 @@ class AdmissionGate:
     def waiting(self) -> int:
         return len(self._waiters)
 
+    def check_room(self) -> None:
+        """Refuse now, before the request's body is read, if a slot could not even be queued
+        for. The queue may still fill while the body arrives; `slot()` refuses then."""
+        if self.running >= self.max_running and len(self._waiters) >= self.max_waiting:
+            raise self._full()
+
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[int]:
         """Hold a generation slot for the block; yields the ns spent waiting for it."""
@@ -44,10 +50,7 @@ class AdmissionGate:
 
     async def _wait(self) -> None:
         if len(self._waiters) >= self.max_waiting:
-            raise _overloaded(
-                f"The server is at capacity: {self.running} requests running and "
-                f"{len(self._waiters)} waiting. Retry shortly."
-            )
+            raise self._full()
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
@@ -65,6 +68,12 @@ class AdmissionGate:
             else:
                 self._waiters.remove(waiter)
             raise
+
+    def _full(self) -> ServiceUnavailable:
+        return _overloaded(
+            f"The server is at capacity: {self.running} requests running and "
+            f"{len(self._waiters)} waiting. Retry shortly."
+        )
 
     def _release(self) -> None:
         while self._waiters:

@@ -41,7 +41,7 @@ def build_app(
         max_waiting=settings.max_waiting,
         timeout_seconds=settings.queue_timeout_seconds,
     )
-    app[STATE] = ServerState(engine_healthy=lambda: engine.healthy)
+    state = app[STATE] = ServerState(engine_healthy=lambda: engine.healthy)
     app[BODY_TIMEOUT] = settings.body_timeout_seconds
     app[AUTH] = AuthState(keys)
     limits = KeyAdmission(
@@ -53,8 +53,10 @@ def build_app(
         engine,
         gate,
         limits,
+        state,
         ping_seconds=settings.sse_ping_seconds,
         send_timeout_seconds=settings.send_timeout_seconds,
+        max_body_bytes=settings.max_body_bytes,
         events=events,
     )
 

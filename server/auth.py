@@ -17,7 +17,7 @@ from server.keys import KeyEntry, KeyStore
 
 __all__ = ["ANONYMOUS", "AuthState", "is_loopback"]
 
-ANONYMOUS = KeyEntry(name="anonymous", sha256="0" * 64)
+ANONYMOUS = KeyEntry.model_validate({"name": "anonymous", "sha256": "0" * 64})
 
 
 @dataclass
@@ -34,7 +34,9 @@ class AuthState:
                 "'x-api-key: <key>'.",
                 code="missing_api_key",
             )
-        entry = self.store.authenticate(secret)
+        # Keys are printable ASCII; anything else (bytes that were not UTF-8 arrive as surrogate
+        # escapes) can match no key, and must not reach the hashing as text it cannot encode.
+        entry = self.store.authenticate(secret) if _plain(secret) else None
         if entry is None:
             raise Unauthorized("Incorrect API key provided.", code="invalid_api_key")
         return entry
@@ -46,6 +48,10 @@ def _presented_secret(request: web.Request) -> str | None:
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
     return request.headers.get("x-api-key", "").strip() or None
+
+
+def _plain(value: str) -> bool:
+    return value.isascii() and value.isprintable()
 
 
 def is_loopback(host: str) -> bool:

@@ -43,6 +43,7 @@ __all__ = [
     "Unauthorized",
     "UnsupportedMediaType",
     "envelope",
+    "from_http_exception",
     "from_validation_error",
 ]
 
@@ -208,3 +209,23 @@ def _code_for(error_type: str) -> str:
         "missing": "missing_required_parameter",
         "unsupported": "unsupported_parameter",
     }.get(error_type, "invalid_value")
+
+
+def from_http_exception(
+    request: web.Request, exc: web.HTTPException, max_body_bytes: int
+) -> APIError:
+    """aiohttp's own refusals (unknown URL, wrong method, body too large) as API errors, so the
+    client gets the envelope and the request log records the status the client saw."""
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFound(f"Unknown URL: {request.method} {request.path}", code="unknown_url")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return MethodNotAllowed(
+            f"{request.method} is not allowed on {request.path}; use {allowed}.",
+            headers={"Allow": allowed},
+        )
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return PayloadTooLarge(
+            f"The request body is larger than this server's limit of {max_body_bytes} bytes."
+        )
+    return HTTPStatusError(exc.status, exc.reason or "HTTP error")

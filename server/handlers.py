@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import TypeVar
 
 from aiohttp import web
@@ -12,13 +11,12 @@ from pydantic import BaseModel, ValidationError
 
 from server.app_keys import AUTH, BODY_TIMEOUT, OPENAPI, SERVICE, STATE
 from server.errors import (
-    APIError,
     NotFound,
     RequestTimeout,
     UnsupportedMediaType,
     from_validation_error,
 )
-from server.middlewares import REQUEST_ID, REQUEST_ID_HEADER
+from server.middlewares import REQUEST_ID
 from server.protocol import ChatCompletionRequest, CompletionRequest
 
 __all__ = ["routes"]
@@ -65,53 +63,17 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def _generate(
     request: web.Request, model: type[ChatCompletionRequest] | type[CompletionRequest]
 ) -> web.StreamResponse:
-    received_ns = time.monotonic_ns()
-    state = request.app[STATE]
     service = request.app[SERVICE]
-    request_id = request[REQUEST_ID]
     endpoint = "chat" if model is ChatCompletionRequest else "completions"
-    telemetry = service.telemetry(request_id, endpoint, received_ns)
-    state.enter()
-    try:
+    async with service.track(request, request[REQUEST_ID], endpoint) as life:
+        # Everything that can refuse the request without reading its body goes first.
         key = request.app[AUTH].authenticate(request)
-        telemetry.key = key.name
-        state.check_accepting()
+        await life.admit(key)
         body = await _read_body(request, model)
         service.check_model(body.model, key)
-        if isinstance(body, ChatCompletionRequest):
-            prepared = await service.prepare_chat(body, request_id)
-        else:
-            prepared = await service.prepare_completion(body, request_id)
-        headers = {REQUEST_ID_HEADER: request_id}
-        decision = await service.limits.admit(key, prepared.reserved_tokens, request_id)
-        if decision is not None:
-            headers.update(decision.headers())
-        try:
-            return await service.respond(request, prepared, headers, telemetry)
-        finally:
-            service.limits.finish(decision, telemetry.prompt_tokens + telemetry.tokens_written)
-    except APIError as exc:
-        telemetry.finished(
-            _status_class(exc.status), exc.status, error_type=exc.code, error=exc.message
-        )
-        raise
-    except asyncio.CancelledError:
-        # Gone while its body was read or while it waited for a slot.
-        telemetry.finished("cancelled", 499, cancel_reason="client_disconnect")
-        raise
-    except Exception:
-        telemetry.finished("error", 500, error_type="internal_error")
-        raise
-    finally:
-        state.leave()
-
-
-def _status_class(http_status: int) -> str:
-    if http_status == 429:
-        return "rate_limited"
-    if http_status == 503:
-        return "overloaded"
-    return "invalid_request" if http_status < 500 else "error"
+        prepared = await service.prepare(body, life)
+        await life.reserve(prepared.reserved_tokens)
+        return await service.respond(life, prepared)
 
 
 def _model_entry(request: web.Request) -> dict[str, object]:

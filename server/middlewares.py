@@ -9,23 +9,13 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
-from server.errors import (
-    APIError,
-    HTTPStatusError,
-    InternalError,
-    MethodNotAllowed,
-    NotFound,
-    PayloadTooLarge,
-)
+from server.errors import APIError, InternalError, from_http_exception
 
 __all__ = ["REQUEST_ID", "REQUEST_ID_HEADER", "error_middleware"]
-
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 log = logging.getLogger("llmserve.http")
 
@@ -46,7 +36,7 @@ def error_middleware(max_body_bytes: int) -> Middleware:
         except APIError as exc:
             response = exc.response()
         except web.HTTPException as exc:
-            response = _from_http_exception(request, exc, max_body_bytes).response()
+            response = from_http_exception(request, exc, max_body_bytes).response()
         except Exception:
             log.exception(
                 "unhandled error in %s %s (request %s)", request.method, request.path, request_id
@@ -57,21 +47,3 @@ def error_middleware(max_body_bytes: int) -> Middleware:
         return response
 
     return middleware
-
-
-def _from_http_exception(
-    request: web.Request, exc: web.HTTPException, max_body_bytes: int
-) -> APIError:
-    if isinstance(exc, web.HTTPNotFound):
-        return NotFound(f"Unknown URL: {request.method} {request.path}", code="unknown_url")
-    if isinstance(exc, web.HTTPMethodNotAllowed):
-        allowed = ", ".join(sorted(exc.allowed_methods))
-        return MethodNotAllowed(
-            f"{request.method} is not allowed on {request.path}; use {allowed}.",
-            headers={"Allow": allowed},
-        )
-    if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return PayloadTooLarge(
-            f"The request body is larger than this server's limit of {max_body_bytes} bytes."
-        )
-    return HTTPStatusError(exc.status, exc.reason or "HTTP error")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -24,6 +25,7 @@ from server.engines.base import (
     Engine,
     EngineError,
     GenerationRequest,
+    GenerationStream,
     RequestTooLarge,
     SamplingParams,
 )
@@ -38,7 +40,9 @@ from server.errors import (
 from server.keys import KeyEntry
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.ratelimit.admission import KeyAdmission
+from server.request_life import Outcome, RequestLife
 from server.sse import ClientStalled, EventStream
+from server.state import ServerState
 from server.telemetry import RequestTelemetry
 from sidecar.client import EventSender
 
@@ -72,26 +76,39 @@ class GenerationService:
         engine: Engine,
         gate: AdmissionGate,
         limits: KeyAdmission,
+        state: ServerState,
         *,
         ping_seconds: float,
         send_timeout_seconds: float,
+        max_body_bytes: int,
         events: EventSender | None = None,
     ) -> None:
         self.engine = engine
         self.gate = gate
         self.limits = limits
+        self.state = state
         self.ping_seconds = ping_seconds
         self.send_timeout_seconds = send_timeout_seconds
+        self.max_body_bytes = max_body_bytes
         self.events = events
 
-    def telemetry(self, request_id: str, endpoint: str, received_ns: int) -> RequestTelemetry:
-        return RequestTelemetry(
+    def track(self, request: web.Request, request_id: str, endpoint: str) -> RequestLife:
+        """The owner of this request's life: `async with` it around all the request does."""
+        telemetry = RequestTelemetry(
             self.events,
             request_id=request_id,
             key=UNAUTHENTICATED_KEY,
             model=self.model_label,
             endpoint=endpoint,
-            received_ns=received_ns,
+            received_ns=time.monotonic_ns(),
+        )
+        return RequestLife(
+            request,
+            telemetry,
+            state=self.state,
+            gate=self.gate,
+            limits=self.limits,
+            max_body_bytes=self.max_body_bytes,
         )
 
     @property
@@ -104,7 +121,19 @@ class GenerationService:
 
     # preparation ------------------------------------------------------------------------------
 
-    async def prepare_chat(self, body: ChatCompletionRequest, request_id: str) -> Prepared:
+    async def prepare(
+        self, body: ChatCompletionRequest | CompletionRequest, life: RequestLife
+    ) -> Prepared:
+        """Render and tokenize; a request without max_tokens gets what its key may spend."""
+        request_id = life.telemetry.request_id
+        budget = life.token_budget()
+        if isinstance(body, ChatCompletionRequest):
+            return await self._prepare_chat(body, request_id, budget)
+        return await self._prepare_completion(body, request_id, budget)
+
+    async def _prepare_chat(
+        self, body: ChatCompletionRequest, request_id: str, budget: int | None
+    ) -> Prepared:
         messages = [{"role": _template_role(m.role), "content": m.text()} for m in body.messages]
         if len(messages) > self.engine.info.context_length:
             # Every message renders to at least one token, so this cannot fit; saying so before
@@ -117,11 +146,13 @@ class GenerationService:
             )
         size = sum(len(m["content"]) for m in messages) + 64 * len(messages)
         tokens = await self._off_loop_if(size, self._render_and_tokenize, messages)
-        max_tokens = self._fit(len(tokens), body.requested_max_tokens(), "messages")
+        max_tokens = self._fit(len(tokens), body.requested_max_tokens(), "messages", budget)
         fmt = ChatFormat(body.model, include_usage=body.include_usage)
         return self._prepared(body, request_id, tokens, max_tokens, fmt)
 
-    async def prepare_completion(self, body: CompletionRequest, request_id: str) -> Prepared:
+    async def _prepare_completion(
+        self, body: CompletionRequest, request_id: str, budget: int | None
+    ) -> Prepared:
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             tokens = [int(t) for t in prompt]
@@ -132,7 +163,7 @@ class GenerationService:
         else:
             text = prompt if isinstance(prompt, str) else str(prompt[0])
             tokens = await self._off_loop_if(len(text), self._tokenize, text)
-        max_tokens = self._fit(len(tokens), body.requested_max_tokens(), "prompt")
+        max_tokens = self._fit(len(tokens), body.requested_max_tokens(), "prompt", budget)
         fmt = CompletionFormat(body.model, include_usage=body.include_usage)
         return self._prepared(body, request_id, tokens, max_tokens, fmt)
 
@@ -174,15 +205,23 @@ class GenerationService:
         except RequestTooLarge as exc:
             raise InvalidRequest(str(exc), param=param, code="context_length_exceeded") from None
 
-    def _fit(self, prompt_tokens: int, max_tokens: int | None, prompt_param: str) -> int:
+    def _fit(
+        self, prompt_tokens: int, max_tokens: int | None, prompt_param: str, budget: int | None
+    ) -> int:
         if prompt_tokens == 0:
             raise InvalidRequest("The prompt is empty.", param=prompt_param, code="invalid_value")
         try:
-            return self.engine.check_fits(prompt_tokens, max_tokens, prompt_param)
+            fitted = self.engine.check_fits(prompt_tokens, max_tokens, prompt_param)
         except RequestTooLarge as exc:
             raise InvalidRequest(
                 str(exc), param=exc.param, code="context_length_exceeded"
             ) from None
+        if max_tokens is None and budget is not None:
+            # Unasked, the completion may run to the end of the context; a key whose token limit
+            # is smaller could then never be served, so the default is what the key may spend.
+            # A prompt that leaves nothing is refused for good by the limit check.
+            fitted = max(1, min(fitted, budget - prompt_tokens))
+        return fitted
 
     @staticmethod
     def _prepared(
@@ -211,69 +250,85 @@ class GenerationService:
 
     # running ----------------------------------------------------------------------------------
 
-    async def respond(
-        self,
-        request: web.Request,
-        prepared: Prepared,
-        headers: dict[str, str],
-        telemetry: RequestTelemetry,
-    ) -> web.StreamResponse:
-        """Run the generation and answer; every way it can end is reported to `telemetry`."""
+    async def respond(self, life: RequestLife, prepared: Prepared) -> web.StreamResponse:
+        """Wait for a slot, run the generation and answer, stating how it ended to `life`.
+
+        The slot and the key's lease are given back before a stream's last bytes are flushed:
+        a client that stops reading at the very end holds nothing but its own socket."""
+        telemetry = life.telemetry
         async with self.gate.slot() as queue_ns:
+            generation = self._start(life, prepared.generation)
             telemetry.started(
                 stream=prepared.stream,
                 prompt_tokens=len(prepared.generation.prompt_tokens),
                 queue_ns=queue_ns,
             )
-            try:
-                if prepared.stream:
-                    return await self._stream(request, prepared, headers, telemetry)
-                return await self._collect(prepared, headers, telemetry)
-            except asyncio.CancelledError:
-                _report_disconnect(telemetry)
+            if not prepared.stream:
+                return await self._collect(life, prepared, generation)
+            events = EventStream(
+                life.request,
+                ping_seconds=self.ping_seconds,
+                send_timeout_seconds=self.send_timeout_seconds,
+                headers=life.headers,
+            )
+            outcome = await self._stream(events, prepared, generation, telemetry)
+        life.release()
+        if not await events.close():
+            outcome = _STALLED
+        life.conclude(outcome)
+        return events.response
+
+    def _start(self, life: RequestLife, generation: GenerationRequest) -> GenerationStream:
+        try:
+            return self.engine.start(generation)
+        except EngineError:
+            if not self.state.draining:
                 raise
+            # Queued past the drain timeout: the engine stopped before this request's turn.
+            raise life.refused_at_shutdown(
+                ServiceUnavailable(
+                    "The server is shutting down and stopped generating before this request "
+                    "could start. Retry on another replica or after the restart.",
+                    code="server_shutting_down",
+                    headers={"Retry-After": "5"},
+                )
+            ) from None
 
     async def _collect(
-        self, prepared: Prepared, headers: dict[str, str], telemetry: RequestTelemetry
+        self, life: RequestLife, prepared: Prepared, generation: GenerationStream
     ) -> web.Response:
         parts = []
-        async with self.engine.start(prepared.generation) as generation:
+        async with generation:
             async for delta in generation:
                 parts.append(delta.text)
-                telemetry.written(len(delta.token_ids))
+                life.telemetry.written(len(delta.token_ids))
         completion = _completed(generation.completion)
         if completion.finish_reason == "error":
             log.error("generation failed: %s", completion.error)
-            error = InternalError("The engine failed while generating this response.")
-            _report_failure(telemetry, completion, error.status)
-            raise error
+            life.conclude(_failure(completion, 500))
+            raise InternalError("The engine failed while generating this response.")
         if completion.finish_reason == "cancelled":
-            error = ServiceUnavailable(
+            life.conclude(_failure(completion, 503))
+            raise ServiceUnavailable(
                 "The server stopped this generation (it is shutting down).",
                 code="generation_cancelled",
             )
-            _report_failure(telemetry, completion, error.status)
-            raise error
-        telemetry.finished("ok", 200, completion=completion)
-        return web.json_response(prepared.format.full("".join(parts), completion), headers=headers)
+        life.conclude(Outcome("ok", 200, completion=completion))
+        body = prepared.format.full("".join(parts), completion)
+        return web.json_response(body, headers=life.headers)
 
     async def _stream(
         self,
-        request: web.Request,
+        events: EventStream,
         prepared: Prepared,
-        headers: dict[str, str],
+        generation: GenerationStream,
         telemetry: RequestTelemetry,
-    ) -> web.StreamResponse:
+    ) -> Outcome:
+        """Everything but the response's end; the outcome unless the client stalls there."""
         fmt = prepared.format
-        events = EventStream(
-            request,
-            ping_seconds=self.ping_seconds,
-            send_timeout_seconds=self.send_timeout_seconds,
-            headers=headers,
-        )
-        await events.open()
         try:
-            async with self.engine.start(prepared.generation) as generation:
+            async with generation:
+                await events.open()
                 if isinstance(fmt, ChatFormat):
                     await events.send(fmt.role())
                 async for delta in generation:
@@ -285,19 +340,20 @@ class GenerationService:
                 await events.send(fmt.finish(completion.finish_reason))
                 if prepared.include_usage:
                     await events.send(fmt.usage(completion))
-                telemetry.finished("ok", 200, completion=completion)
+                outcome = Outcome("ok", 200, completion=completion)
             else:
                 await events.send(json.dumps(_in_stream_error(completion)))
-                _report_failure(telemetry, completion, 200)
+                outcome = _failure(completion, 200)
             await events.send("[DONE]")
         except ClientStalled:
-            telemetry.finished("cancelled", 200, cancel_reason="client_stalled")
+            return _STALLED
         except ConnectionError:
             # The client went away mid-write; leaving the engine block cancelled the work.
-            _report_disconnect(telemetry)
-        finally:
-            await events.close()
-        return events.response
+            return Outcome("cancelled", 200, cancel_reason="client_disconnect")
+        return outcome
+
+
+_STALLED = Outcome("cancelled", 200, cancel_reason="client_stalled")
 
 
 def _completed(completion: Completion | None) -> Completion:
@@ -306,26 +362,16 @@ def _completed(completion: Completion | None) -> Completion:
     return completion
 
 
-def _report_disconnect(telemetry: RequestTelemetry) -> None:
-    # 499 is nginx's "client closed request"; a stream had already answered 200.
-    telemetry.finished(
-        "cancelled", 200 if telemetry.stream else 499, cancel_reason="client_disconnect"
-    )
-
-
-def _report_failure(telemetry: RequestTelemetry, completion: Completion, http_status: int) -> None:
+def _failure(completion: Completion, http_status: int) -> Outcome:
     if completion.finish_reason == "cancelled":
-        telemetry.finished(
-            "cancelled", http_status, completion=completion, cancel_reason="shutdown"
-        )
-    else:
-        telemetry.finished(
-            "error",
-            http_status,
-            completion=completion,
-            error_type="engine_error",
-            error=completion.error,
-        )
+        return Outcome("cancelled", http_status, completion=completion, cancel_reason="shutdown")
+    return Outcome(
+        "error",
+        http_status,
+        completion=completion,
+        error_type="engine_error",
+        error=completion.error,
+    )
 
 
 def _in_stream_error(completion: Completion) -> dict[str, object]:

@@ -6,16 +6,19 @@ and keeps idle proxies from closing a stream whose prompt is still being read. O
 stream re-arms itself for the remaining silence instead of being reset on every token.
 
 A client that stops reading would otherwise hold its engine slot for as long as it keeps the
-connection open: a write that makes no progress for `send_timeout_seconds` drops the connection
-and raises ClientStalled. The timer is armed only when unsent bytes are already queued, so the
-common case (the socket took everything) costs nothing extra per token.
+connection open: every write that may wait for the client (an event, a ping, the end of the
+response) gives up after `send_timeout_seconds`, drops the connection and raises ClientStalled.
+The timer is armed only when unsent bytes are already queued or the write is large, so the
+common case (the socket took a small event at once) costs nothing extra per token. `close()`
+waits the same bounded time and says whether the client took the end of the stream; callers
+release the engine slot and any lease before they call it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
+from typing import Any
 
 from aiohttp import web
 
@@ -28,6 +31,9 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 _PING = b": ping\n\n"
+# A write this small into an empty transport buffer cannot push it past its high-water mark,
+# so it never waits for the client and needs no timer.
+_UNTIMED_WRITE_BYTES = 16 * 1024
 
 
 class ClientStalled(ConnectionError):
@@ -66,26 +72,43 @@ class EventStream:
     async def send(self, data: str) -> None:
         """Write one `data:` event (data must be a single line, as JSON is)."""
         self._last_write = self._loop.time()
-        payload = b"data: " + data.encode() + b"\n\n"
-        transport = self._request.transport
-        if transport is None or not transport.get_write_buffer_size():
-            await self._response.write(payload)
-            return
-        try:
-            async with asyncio.timeout(self._send_timeout):
-                await self._response.write(payload)
-        except TimeoutError:
-            transport.abort()
-            raise ClientStalled(
-                f"the client read nothing for {self._send_timeout:g} seconds"
-            ) from None
+        await self._write(b"data: " + data.encode() + b"\n\n")
 
-    async def close(self) -> None:
+    async def close(self) -> bool:
+        """End the response; False if the client took nothing for `send_timeout_seconds`."""
         self._stop_timer()
         if self._ping_task is not None:
             self._ping_task.cancel()
-        with contextlib.suppress(ConnectionError):
-            await self._response.write_eof()
+        try:
+            await self._bounded(self._response.write_eof())
+        except ClientStalled:
+            return False
+        except ConnectionError:
+            pass
+        return True
+
+    async def _write(self, payload: bytes) -> None:
+        transport = self._request.transport
+        if (
+            transport is not None
+            and not transport.get_write_buffer_size()
+            and len(payload) <= _UNTIMED_WRITE_BYTES
+        ):
+            await self._response.write(payload)
+            return
+        await self._bounded(self._response.write(payload))
+
+    async def _bounded(self, write: Coroutine[Any, Any, None]) -> None:
+        try:
+            async with asyncio.timeout(self._send_timeout):
+                await write
+        except TimeoutError:
+            transport = self._request.transport
+            if transport is not None:
+                transport.abort()
+            raise ClientStalled(
+                f"the client read nothing for {self._send_timeout:g} seconds"
+            ) from None
 
     def _stop_timer(self) -> None:
         if self._timer is not None:
@@ -104,7 +127,7 @@ class EventStream:
 
     async def _ping(self) -> None:
         try:
-            await self._response.write(_PING)
+            await self._write(_PING)
         except ConnectionError:
             # The client is gone; the handler finds out on its next write or is cancelled.
             self._stop_timer()

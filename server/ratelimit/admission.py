@@ -34,16 +34,48 @@ class KeyAdmission:
         self._warned_at = 0.0
         self._finishing: set[asyncio.Task[None]] = set()
 
-    async def admit(self, key: KeyEntry, tokens: int, request_id: str) -> Decision | None:
-        """The decision for a key with limits (None for one without); raises on refusal."""
-        if not key.has_limits:
+    async def admit_request(self, key: KeyEntry, request_id: str) -> Decision | None:
+        """Charge one request against the key's requests per minute and take a lease of its
+        requests at once, before the body is read (None: the key has neither limit)."""
+        if key.rpm is None and key.concurrency is None:
             return None
+        return await self._admit(
+            key.model_copy(update={"tpm": None, "tpd": None}), key, 0, request_id
+        )
+
+    async def admit_tokens(self, key: KeyEntry, tokens: int, request_id: str) -> Decision | None:
+        """Reserve a tokenized request's prompt and max_tokens against the key's token limits
+        (None: the key has none). A request larger than a whole bucket is refused for good."""
+        budget = self.token_budget(key)
+        if budget is None:
+            return None
+        if tokens > budget:
+            limit = "tpm" if key.tpm == budget else "tpd"
+            self._emit(key, request_id, limit, allowed=False, backend_error=False, state={})
+            raise _never(key, tokens, limit)
+        # Requests and leases were charged by admit_request: only the token buckets here.
+        return await self._admit(
+            key.model_copy(update={"rpm": None, "concurrency": None}), key, tokens, request_id
+        )
+
+    @staticmethod
+    def token_budget(key: KeyEntry) -> int | None:
+        """The most tokens one request of this key can ever be granted."""
+        limits = [limit for limit in (key.tpm, key.tpd) if limit is not None]
+        return min(limits) if limits else None
+
+    async def _admit(
+        self, part: KeyEntry, key: KeyEntry, tokens: int, request_id: str
+    ) -> Decision | None:
         try:
-            decision = await self.limiter.admit(key, tokens)
+            decision = await self.limiter.admit(part, tokens)
         except LimiterUnavailable as exc:
-            return self._unavailable(key, request_id, exc)
+            self._unavailable(key, request_id, exc)
+            return None
         self._report(key, request_id, decision)
         if not decision.allowed:
+            if decision.never:
+                raise _never(key, tokens, decision.limit or "tpm")
             raise _refusal(key, tokens, decision)
         return decision
 
@@ -79,16 +111,7 @@ class KeyAdmission:
     def _unavailable(self, key: KeyEntry, request_id: str, exc: LimiterUnavailable) -> None:
         policy = "admitting requests unchecked" if self.fail_open else "refusing requests"
         self._warn(f"rate limiter unavailable ({exc}); {policy}")
-        if self.events is not None:
-            self.events.emit(
-                "ratelimit",
-                rid=request_id,
-                key=key.name,
-                limit="backend",
-                allowed=self.fail_open,
-                backend_error=True,
-                state={},
-            )
+        self._emit(key, request_id, "backend", allowed=self.fail_open, backend_error=True, state={})
         if self.fail_open:
             return None
         raise ServiceUnavailable(
@@ -98,43 +121,68 @@ class KeyAdmission:
         )
 
     def _report(self, key: KeyEntry, request_id: str, decision: Decision) -> None:
-        if self.events is None:
-            return
-        self.events.emit(
-            "ratelimit",
-            rid=request_id,
-            key=key.name,
-            limit=decision.limit or "",
+        state = {name: [limit, left] for name, (limit, left, _) in decision.state.items()}
+        self._emit(
+            key,
+            request_id,
+            decision.limit or "",
             allowed=decision.allowed,
             backend_error=False,
-            state={
-                name: [limit, remaining] for name, (limit, remaining, _) in decision.state.items()
-            },
+            state=state,
         )
+
+    def _emit(
+        self,
+        key: KeyEntry,
+        request_id: str,
+        limit: str,
+        *,
+        allowed: bool,
+        backend_error: bool,
+        state: dict[str, list[float]],
+    ) -> None:
+        if self.events is not None:
+            self.events.emit(
+                "ratelimit",
+                rid=request_id,
+                key=key.name,
+                limit=limit,
+                allowed=allowed,
+                backend_error=backend_error,
+                state=state,
+            )
+
+
+def _never(key: KeyEntry, tokens: int, limit: str) -> RateLimited:
+    """A refusal that waiting cannot cure: no Retry-After, and `x-should-retry: false` so that
+    OpenAI's clients give up at once instead of retrying."""
+    capacity = getattr(key, limit)
+    message = (
+        f"This request needs {tokens} tokens (prompt + max_tokens), more than key "
+        f"'{key.name}' may ever use in one request ({capacity} {_NOUNS[limit]}). "
+        f"Lower max_tokens or shorten the prompt."
+    )
+    return _rate_limited(message, limit, {"x-should-retry": "false"})
 
 
 def _refusal(key: KeyEntry, tokens: int, decision: Decision) -> RateLimited:
     limit = decision.limit or "rpm"
     noun = _NOUNS[limit]
     capacity = getattr(key, limit)
-    if decision.never:
-        message = (
-            f"This request needs {tokens} tokens (prompt + max_tokens), more than key "
-            f"'{key.name}' may use ({capacity} {noun}). Lower max_tokens or shorten the prompt."
-        )
-    elif limit == "concurrency":
+    if limit == "concurrency":
         message = f"Too many requests running at once for key '{key.name}' (limit {capacity})."
     else:
         message = (
             f"Rate limit reached for {noun} on key '{key.name}': limit {capacity}, requested "
             f"{1 if limit == 'rpm' else tokens}. Try again in {decision.retry_after_seconds:.1f}s."
         )
+    return _rate_limited(message, limit, decision.headers())
+
+
+def _rate_limited(message: str, limit: str, headers: dict[str, str]) -> RateLimited:
     if limit == "tpd":
         return RateLimited(
-            message,
-            type_="insufficient_quota",
-            code="insufficient_quota",
-            headers=decision.headers(),
+            message, type_="insufficient_quota", code="insufficient_quota", headers=headers
         )
     kind = "tokens" if limit in ("tpm", "tpd") else "requests"
-    return RateLimited(message, type_=kind, code="rate_limit_exceeded", headers=decision.headers())
+    return RateLimited(message, type_=kind, code="rate_limit_exceeded", headers=headers)
