@@ -81,7 +81,7 @@ S = TypeVar("S", bound=_Series)
 class _Family(Generic[S]):
     """A labelled family whose `labels(*values)` returns its series, created on first use."""
 
-    type: ClassVar[str]
+    metric_type: ClassVar[str]
     # What the text format appends to the family's name in its HELP, TYPE and sample lines.
     suffix: ClassVar[str]
     series_type: ClassVar[type[_Series]]
@@ -101,7 +101,7 @@ class _Family(Generic[S]):
         self.labelnames = tuple(labelnames)
         self._sample_name = sample = name + self.suffix
         help_text = documentation.replace("\\", r"\\").replace("\n", r"\n")
-        self._header = f"# HELP {sample} {help_text}\n# TYPE {sample} {self.type}\n"
+        self._header = f"# HELP {sample} {help_text}\n# TYPE {sample} {self.metric_type}\n"
         self._series: dict[tuple[str, ...], S] = {}
         registry.register(self)
 
@@ -141,14 +141,14 @@ class _Family(Generic[S]):
 
 
 class KeyCounter(_Family[CounterSeries]):
-    type = "counter"
+    metric_type = "counter"
     suffix = "_total"
     series_type = CounterSeries
     library_family = CounterMetricFamily
 
 
 class KeyGauge(_Family[GaugeSeries]):
-    type = "gauge"
+    metric_type = "gauge"
     suffix = ""
     series_type = GaugeSeries
     library_family = GaugeMetricFamily
