@@ -70,6 +70,14 @@ class LlamaModel:
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = int(lib.llama_vocab_n_tokens(self.vocab))
         self.train_context = int(lib.llama_model_n_ctx_train(self.model))
+        if shape.context_per_sequence > self.train_context:
+            # llama.cpp only warns, and the model then writes nonsense past what it was trained on.
+            lib.llama_model_free(self.model)
+            raise EngineError(
+                f"llamacpp.context_per_sequence = {shape.context_per_sequence} is more than the "
+                f"{self.train_context} tokens {path} was trained on; set it to at most "
+                f"{self.train_context}"
+            )
 
         ctx_params = lib.llama_context_default_params()
         ctx_params.n_ctx = shape.context_per_sequence * shape.parallel
