@@ -214,6 +214,11 @@ class Engine(abc.ABC):
         """False while the engine recovers from a fault (readiness is 503 meanwhile)."""
         return True
 
+    @property
+    def failed(self) -> bool:
+        """True once the engine's worker has died: nothing more is generated until a restart."""
+        return False
+
     def kv_usage(self) -> float:
         """Share of the KV cache in use (0-1); engines without one report 0."""
         return 0.0

@@ -1,0 +1,104 @@
+"""An engine whose worker dies fails what it held, turns /ready 503 and refuses new work.
+
+Before, a llama.cpp decode thread that raised ended its streams as if the server were shutting
+down, and left /ready at 200 while every later request waited forever in a queue no thread read.
+Each engine's fault is injected by making a real call inside its worker raise.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from server.engines import create_engine
+from server.engines.base import Engine
+from server.engines.llamacpp import LlamaCppEngine
+from server.engines.llamacpp_model import LlamaModel
+from tests.conftest import ServerFactory, make_config
+
+pytestmark = pytest.mark.usefixtures("caplog")
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+@pytest.fixture
+async def own_llama_engine() -> AsyncIterator[LlamaCppEngine]:
+    """A llamacpp engine of this test's own: the shared one must survive the fault."""
+    engine = create_engine(make_config())
+    assert isinstance(engine, LlamaCppEngine)
+    await engine.load()
+    yield engine
+    await engine.close()
+
+
+def chat(engine: Engine, *, stream: bool, max_tokens: int = 400) -> dict[str, Any]:
+    return {
+        "model": engine.info.model_id,
+        "messages": [{"role": "user", "content": "Count to one thousand."}],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": stream,
+    }
+
+
+async def check_failed_server(
+    session: aiohttp.ClientSession, server: TestServer, engine: Engine
+) -> None:
+    """After the fault: /ready is 503 "failed" and a new request gets a clear 503 at once."""
+    async with session.get(server.make_url("/ready")) as ready:
+        assert ready.status == 503
+        assert await ready.json() == {"status": "failed"}
+    for stream in (True, False):
+        body = chat(engine, stream=stream)
+        async with session.post(server.make_url("/v1/chat/completions"), json=body) as refused:
+            assert refused.status == 503
+            error = (await refused.json())["error"]
+            assert error["code"] == "engine_failed"
+            assert "restarted" in error["message"]
+    assert engine.active_sequences == 0
+
+
+def died_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "worker died" in r.getMessage()]
+
+
+async def test_a_llamacpp_decode_thread_that_raises_fails_requests_and_readiness(
+    own_llama_engine: LlamaCppEngine,
+    serve: ServerFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+):
+    engine = own_llama_engine
+    original = LlamaModel.decode
+
+    def decode(self: LlamaModel, rows: Sequence[tuple[int, int, int, bool]]) -> int:
+        # The first step that carries both requests breaks, so both are in flight by then.
+        if self is engine._model and len({row[2] for row in rows}) == 2:
+            raise InjectedFault("injected decode fault")
+        return original(self, rows)
+
+    monkeypatch.setattr(LlamaModel, "decode", decode)
+    server = await serve(engine)
+    url = server.make_url("/v1/chat/completions")
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, json=chat(engine, stream=True)) as streamed:
+            assert streamed.status == 200
+            await streamed.content.readuntil(b'"content":')
+            async with session.post(url, json=chat(engine, stream=False)) as collected:
+                assert collected.status == 500
+                assert (await collected.json())["error"]["code"] == "internal_error"
+            body = (await streamed.content.read()).decode()
+        assert '"code": "engine_error"' in body
+        assert body.rstrip().endswith("data: [DONE]")
+        await check_failed_server(session, server, engine)
+    assert engine.failed
+    records = died_records(caplog)
+    assert len(records) == 1 and "injected decode fault" in records[0].getMessage()
+    assert records[0].exc_info is not None
