@@ -7,7 +7,6 @@ Each engine's fault is injected by making a real call inside its worker raise.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -15,11 +14,12 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from server.engines import create_engine
-from server.engines.base import Engine
+from server.engines import create_engine, synthetic
+from server.engines.base import Engine, GenerationRequest, SamplingParams
 from server.engines.llamacpp import LlamaCppEngine
 from server.engines.llamacpp_model import LlamaModel
-from tests.conftest import ServerFactory, make_config
+from server.engines.text_output import TextAssembler
+from tests.conftest import ServerFactory, make_config, synthetic_engine
 
 pytestmark = pytest.mark.usefixtures("caplog")
 
@@ -48,25 +48,49 @@ def chat(engine: Engine, *, stream: bool, max_tokens: int = 400) -> dict[str, An
     }
 
 
-async def check_failed_server(
-    session: aiohttp.ClientSession, server: TestServer, engine: Engine
-) -> None:
-    """After the fault: /ready is 503 "failed" and a new request gets a clear 503 at once."""
-    async with session.get(server.make_url("/ready")) as ready:
-        assert ready.status == 503
-        assert await ready.json() == {"status": "failed"}
-    for stream in (True, False):
-        body = chat(engine, stream=stream)
-        async with session.post(server.make_url("/v1/chat/completions"), json=body) as refused:
-            assert refused.status == 503
-            error = (await refused.json())["error"]
-            assert error["code"] == "engine_failed"
-            assert "restarted" in error["message"]
+async def check_requests_fail_then_server_refuses(server: TestServer, engine: Engine) -> None:
+    """A stream and a plain request in flight when the fault comes; then what a client sees.
+
+    The injected fault fires once both are running, so both are in flight by construction.
+    """
+    url = server.make_url("/v1/chat/completions")
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, json=chat(engine, stream=True)) as streamed:
+            assert streamed.status == 200
+            await streamed.content.readuntil(b'"content":')
+            async with session.post(url, json=chat(engine, stream=False)) as collected:
+                assert collected.status == 500
+                assert (await collected.json())["error"]["code"] == "internal_error"
+            body = (await streamed.content.read()).decode()
+        assert '"code": "engine_error"' in body
+        assert body.rstrip().endswith("data: [DONE]")
+        async with session.get(server.make_url("/ready")) as ready:
+            assert ready.status == 503
+            assert await ready.json() == {"status": "failed"}
+        for stream in (True, False):
+            body = chat(engine, stream=stream)
+            async with session.post(url, json=body) as refused:
+                assert refused.status == 503
+                error = (await refused.json())["error"]
+                assert error["code"] == "engine_failed"
+                assert "restarted" in error["message"]
+    assert engine.failed
     assert engine.active_sequences == 0
 
 
-def died_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if "worker died" in r.getMessage()]
+async def check_a_late_start_ends_at_once(engine: Engine) -> None:
+    """A request already past the readiness check when the engine died is not left waiting."""
+    request = GenerationRequest("late", [1, 2, 3], SamplingParams(max_tokens=4))
+    async with engine.start(request) as stream:
+        assert [delta async for delta in stream] == []
+    assert stream.completion is not None
+    assert stream.completion.finish_reason == "error"
+
+
+def check_logged_once(caplog: pytest.LogCaptureFixture, fault: str) -> None:
+    records = [r for r in caplog.records if "worker died" in r.getMessage()]
+    assert len(records) == 1 and fault in records[0].getMessage()
+    assert records[0].exc_info is not None
 
 
 async def test_a_llamacpp_decode_thread_that_raises_fails_requests_and_readiness(
@@ -85,20 +109,23 @@ async def test_a_llamacpp_decode_thread_that_raises_fails_requests_and_readiness
         return original(self, rows)
 
     monkeypatch.setattr(LlamaModel, "decode", decode)
-    server = await serve(engine)
-    url = server.make_url("/v1/chat/completions")
-    async with aiohttp.ClientSession() as session:
-        async with session.post(url, json=chat(engine, stream=True)) as streamed:
-            assert streamed.status == 200
-            await streamed.content.readuntil(b'"content":')
-            async with session.post(url, json=chat(engine, stream=False)) as collected:
-                assert collected.status == 500
-                assert (await collected.json())["error"]["code"] == "internal_error"
-            body = (await streamed.content.read()).decode()
-        assert '"code": "engine_error"' in body
-        assert body.rstrip().endswith("data: [DONE]")
-        await check_failed_server(session, server, engine)
-    assert engine.failed
-    records = died_records(caplog)
-    assert len(records) == 1 and "injected decode fault" in records[0].getMessage()
-    assert records[0].exc_info is not None
+    await check_requests_fail_then_server_refuses(await serve(engine), engine)
+    await check_a_late_start_ends_at_once(engine)
+    check_logged_once(caplog, "injected decode fault")
+
+
+async def test_a_synthetic_generation_that_raises_fails_requests_and_readiness(
+    serve: ServerFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    engine = synthetic_engine(token_interval_seconds="0.02", completion_tokens="1000")
+
+    class BreakingAssembler(TextAssembler):
+        def feed(self, data: bytes) -> str:
+            if engine.active_sequences == 2:
+                raise InjectedFault("injected synthetic fault")
+            return super().feed(data)
+
+    monkeypatch.setattr(synthetic, "TextAssembler", BreakingAssembler)
+    await check_requests_fail_then_server_refuses(await serve(engine), engine)
+    await check_a_late_start_ends_at_once(engine)
+    check_logged_once(caplog, "injected synthetic fault")
