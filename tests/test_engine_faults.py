@@ -7,6 +7,7 @@ Each engine's fault is injected by making a real call inside its worker raise.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -19,10 +20,8 @@ from server.engines.base import Engine, GenerationRequest, SamplingParams
 from server.engines.llamacpp import LlamaCppEngine
 from server.engines.llamacpp_model import LlamaModel
 from server.engines.text_output import TextAssembler
-from tests.conftest import ServerFactory, make_config, synthetic_engine
-
-pytestmark = pytest.mark.usefixtures("caplog")
-
+from tests.conftest import ExLlamaV2Factory, ServerFactory, make_config, synthetic_engine
+from tests.exllamav2_double.generator.dynamic import ExLlamaV2DynamicGenerator
 
 class InjectedFault(RuntimeError):
     pass
@@ -54,7 +53,8 @@ async def check_requests_fail_then_server_refuses(server: TestServer, engine: En
     The injected fault fires once both are running, so both are in flight by construction.
     """
     url = server.make_url("/v1/chat/completions")
-    async with aiohttp.ClientSession() as session:
+    # Unfixed, the requests never end: a bound far above the ~1 s this takes makes that a failure.
+    async with asyncio.timeout(120), aiohttp.ClientSession() as session:
         async with session.post(url, json=chat(engine, stream=True)) as streamed:
             assert streamed.status == 200
             await streamed.content.readuntil(b'"content":')
@@ -129,3 +129,27 @@ async def test_a_synthetic_generation_that_raises_fails_requests_and_readiness(
     await check_requests_fail_then_server_refuses(await serve(engine), engine)
     await check_a_late_start_ends_at_once(engine)
     check_logged_once(caplog, "injected synthetic fault")
+
+
+async def test_an_exllamav2_worker_that_raises_fails_requests_and_readiness(
+    exllamav2_double: ExLlamaV2Factory,
+    serve: ServerFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+):
+    # iterate() failing is recovered from (the generator is rebuilt); anything else the worker
+    # calls is not, e.g. enqueue() raising something other than its page assertion.
+    engine = await exllamav2_double(cache_tokens=2048)
+    original = ExLlamaV2DynamicGenerator.enqueue
+
+    def enqueue(self: ExLlamaV2DynamicGenerator, job: Any) -> Any:
+        if self.num_remaining_jobs():
+            raise InjectedFault("injected enqueue fault")
+        return original(self, job)
+
+    monkeypatch.setattr(ExLlamaV2DynamicGenerator, "enqueue", enqueue)
+    # Slow enough that the first request is still generating when the second one comes.
+    monkeypatch.setattr(ExLlamaV2DynamicGenerator, "seconds_per_iteration", 0.01)
+    await check_requests_fail_then_server_refuses(await serve(engine), engine)
+    await check_a_late_start_ends_at_once(engine)
+    check_logged_once(caplog, "injected enqueue fault")
