@@ -23,6 +23,7 @@ from server.engines.text_output import TextAssembler
 from tests.conftest import ExLlamaV2Factory, ServerFactory, make_config, synthetic_engine
 from tests.exllamav2_double.generator.dynamic import ExLlamaV2DynamicGenerator
 
+
 class InjectedFault(RuntimeError):
     pass
 
