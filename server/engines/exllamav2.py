@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,6 +61,9 @@ class _Request:
     started_ns: int = 0
     first_token_ns: int = 0
     tokens: int = 0
+    # Ids of tokens that brought no text yet (special tokens, held text): they go out with the
+    # next text, as the llamacpp engine does, so the first delta a server sees carries text.
+    unsent_ids: list[int] = field(default_factory=list)
 
 
 class ExLlamaV2Engine(Engine):
@@ -326,7 +329,10 @@ class ExLlamaV2Engine(Engine):
             if text or ids:
                 item.first_token_ns = item.first_token_ns or stamp
                 item.tokens += len(ids)
-                out.append((item.stream, TokenDelta(text, ids, stamp)))
+                item.unsent_ids += ids
+            if text or (result["eos"] and item.unsent_ids):
+                out.append((item.stream, TokenDelta(text, tuple(item.unsent_ids), stamp)))
+                item.unsent_ids.clear()
             if result["eos"]:
                 del self._jobs[result["job"]]
                 out.append((item.stream, _finished(item, result)))
