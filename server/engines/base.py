@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 from server.chat_template import ChatTemplate
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +150,26 @@ def _deliver_all(items: list[tuple[GenerationStream, TokenDelta | Completion]]) 
 
 def now_ns() -> int:
     return time.monotonic_ns()
+
+
+async def in_daemon_thread(work: Callable[[], _T], name: str) -> _T:
+    """Run blocking `work` (a model load) on a daemon thread and wait for it.
+
+    Unlike `asyncio.to_thread`, whose executor threads the interpreter joins at exit, a process
+    told to stop meanwhile (SIGTERM during a long load) exits without waiting for the work.
+    """
+    future: concurrent.futures.Future[_T] = concurrent.futures.Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(work())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await asyncio.wrap_future(future)
 
 
 class EngineError(Exception):

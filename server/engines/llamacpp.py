@@ -36,6 +36,7 @@ from server.engines.base import (
     RequestTooLarge,
     TokenDelta,
     deliver_threadsafe,
+    in_daemon_thread,
     now_ns,
 )
 from server.engines.fault import WorkerFault
@@ -147,7 +148,7 @@ class LlamaCppEngine(Engine):
     async def load(self) -> ModelInfo:
         started = time.monotonic()
         log.info("loading %s with llama.cpp", self._path)
-        model = await asyncio.to_thread(self._load_model)
+        model = await in_daemon_thread(self._load_model, "llamacpp-load")
         load_seconds = time.monotonic() - started
         self._model = model
         self._add_bos = model.adds_bos
