@@ -7,6 +7,9 @@ context past the model's training context was accepted with only a warning from 
 
 from __future__ import annotations
 
+import asyncio
+
+import aiohttp
 import pytest
 
 from tests.conftest import Process, start
@@ -54,3 +57,38 @@ async def test_settings_the_engine_cannot_run_stop_startup_naming_the_field(
     log = "".join(server.log)
     assert expected in log
     assert not [mark for mark in CRASH_MARKS if mark in log], log
+
+
+async def test_a_context_smaller_than_the_batch_is_served_not_aborted(
+    processes: list[Process], short_tmp: str
+):
+    # llama.cpp lowers n_batch to a small whole context (3 x 100 tokens here); prompts that
+    # fill every sequence at once used to exceed it and abort in GGML_ASSERT(n_tokens_all <=
+    # cparams.n_batch).
+    server = await start(
+        "serve",
+        *("--port", "0", "--sidecar-spawn", "false", "--sidecar-events", "false"),
+        *("--sidecar-socket-path", f"{short_tmp}/ev.sock"),
+        *("--llamacpp-context-per-sequence", "100", "--llamacpp-parallel", "3"),
+    )
+    processes.append(server)
+    port = (await server.wait_for_line(r"listening on http://127\.0\.0\.1:(\d+)"))[1]
+    await server.wait_for_line("ready: ")
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{base}/v1/models") as models:
+            entry = (await models.json())["data"][0]
+        context = entry["context_length"]
+
+        async def fill_a_sequence(i: int) -> int:
+            body = {
+                "model": entry["id"],
+                "prompt": [1 + (i * 7 + j) % 1000 for j in range(context - 3)],
+                "max_tokens": 3,
+                "ignore_eos": True,
+            }
+            async with session.post(f"{base}/v1/completions", json=body) as response:
+                return response.status
+
+        assert await asyncio.gather(*(fill_a_sequence(i) for i in range(3))) == [200, 200, 200]
+    assert server.proc.returncode is None

@@ -176,7 +176,7 @@ class LlamaCppEngine(Engine):
                 "size_bytes": model.size_bytes(),
                 "trained_context": model.train_context,
                 "threads": self._shape.threads,
-                "batch_tokens": self._shape.batch_tokens,
+                "batch_tokens": model.batch_capacity,
             },
         )
         self._worker = threading.Thread(target=self._run, name="llamacpp-decode", daemon=True)

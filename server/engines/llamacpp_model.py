@@ -97,8 +97,10 @@ class LlamaModel:
             raise EngineError("llama.cpp could not create a context (out of memory?)")
         self.memory = lib.llama_get_memory(self.ctx)
         self.context_per_sequence = int(lib.llama_n_ctx_seq(self.ctx))
-        self.batch_capacity = shape.batch_tokens
-        self.batch = lib.llama_batch_init(shape.batch_tokens, 0, 1)
+        # llama.cpp lowers n_batch to the whole context when that is smaller; a decode call
+        # with more tokens than it kept aborts the process (GGML_ASSERT n_tokens_all <= n_batch).
+        self.batch_capacity = int(lib.llama_n_batch(self.ctx))
+        self.batch = lib.llama_batch_init(self.batch_capacity, 0, 1)
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._pieces: dict[int, bytes] = {}
 
