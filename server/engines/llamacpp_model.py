@@ -94,7 +94,11 @@ class LlamaModel:
         self.ctx = lib.llama_init_from_model(self.model, ctx_params)
         if not self.ctx:
             lib.llama_model_free(self.model)
-            raise EngineError("llama.cpp could not create a context (out of memory?)")
+            raise EngineError(
+                f"llama.cpp could not create a context of {ctx_params.n_ctx} tokens "
+                f"(llamacpp.context_per_sequence {shape.context_per_sequence} x "
+                f"llamacpp.parallel {shape.parallel}); out of memory?"
+            )
         self.memory = lib.llama_get_memory(self.ctx)
         self.context_per_sequence = int(lib.llama_n_ctx_seq(self.ctx))
         # llama.cpp lowers n_batch to the whole context when that is smaller; a decode call
