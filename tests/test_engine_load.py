@@ -1,8 +1,10 @@
-"""SIGTERM while the model is still loading ends the process at once, whatever the engine.
+"""Loading and freeing models, in processes of their own because failures here end a process.
 
-A large model can take minutes to load; systemd (or an operator) stopping the server meanwhile
-must not wait for that. The load is made endless inside a real `llmserve serve` process by a
-small launcher that wraps the engine's own loading call, then the process gets SIGTERM.
+SIGTERM while the model is still loading ends the process at once, whatever the engine: a large
+model can take minutes to load, and systemd (or an operator) stopping the server meanwhile must
+not wait for that. The load is made endless inside a real `llmserve serve` process by a small
+launcher that wraps the engine's own loading call, then the process gets SIGTERM. And a llamacpp
+engine freed before another must not take the other down.
 """
 
 from __future__ import annotations
@@ -80,3 +82,34 @@ async def test_sigterm_during_a_model_load_exits_without_waiting_for_it(
     log = "".join(server.log)
     assert "stopped while the model was loading" in log
     assert "Traceback" not in log
+
+
+async def test_a_llamacpp_engine_outlives_another_one_closed_before_it():
+    # llama.cpp's log callback is global: when it belonged to the model closed first, the
+    # other model's close logged through freed memory and the process died (bus error).
+    script = """
+import asyncio, gc
+from server.config import load_config
+from server.engines import create_engine
+
+config = load_config(environ={}, overrides={"llamacpp.context_per_sequence": "256"})
+first, second = create_engine(config), create_engine(config)
+asyncio.run(first.load())
+asyncio.run(second.load())
+asyncio.run(second.close())
+del second
+gc.collect()
+asyncio.run(first.close())
+print("both closed")
+"""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        script,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        cwd=Path(__file__).parent.parent,
+        env={k: v for k, v in os.environ.items() if not k.startswith("LLMSERVE_")},
+    )
+    stdout, _ = await proc.communicate()
+    assert (proc.returncode, stdout.decode().strip()) == (0, "both closed")
