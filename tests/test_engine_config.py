@@ -44,7 +44,7 @@ CRASH_MARKS = ("GGML_ASSERT", "Traceback", "Aborted", "backtrace")
 )
 async def test_settings_the_engine_cannot_run_stop_startup_naming_the_field(
     processes: list[Process], short_tmp: str, flags: tuple[str, ...], code: int, expected: str
-):
+) -> None:
     server = await start(
         "serve",
         *("--port", "0", "--sidecar-spawn", "false", "--sidecar-events", "false"),
@@ -61,7 +61,7 @@ async def test_settings_the_engine_cannot_run_stop_startup_naming_the_field(
 
 async def test_a_context_smaller_than_the_batch_is_served_not_aborted(
     processes: list[Process], short_tmp: str
-):
+) -> None:
     # llama.cpp lowers n_batch to a small whole context (3 x 100 tokens here); prompts that
     # fill every sequence at once used to exceed it and abort in GGML_ASSERT(n_tokens_all <=
     # cparams.n_batch).

@@ -65,7 +65,7 @@ async def test_streams_the_text_in_order_and_ends_on_an_eos_id(exllamav2_double:
 
 async def test_the_first_delta_carries_text_so_ttft_is_not_stamped_before_any_is_sent(
     exllamav2_double: ExLlamaV2Factory,
-):
+) -> None:
     # A special token decodes to no text (decode_special_tokens=False), and the library streams
     # its id alone; the server stamps TTFT at the first delta, so that delta must carry text.
     engine = await exllamav2_double(script="<|im_start|>Calm sea")

@@ -69,8 +69,7 @@ async def check_requests_fail_then_server_refuses(server: TestServer, engine: En
             assert ready.status == 503
             assert await ready.json() == {"status": "failed"}
         for stream in (True, False):
-            body = chat(engine, stream=stream)
-            async with session.post(url, json=body) as refused:
+            async with session.post(url, json=chat(engine, stream=stream)) as refused:
                 assert refused.status == 503
                 error = (await refused.json())["error"]
                 assert error["code"] == "engine_failed"
@@ -99,7 +98,7 @@ async def test_a_llamacpp_decode_thread_that_raises_fails_requests_and_readiness
     serve: ServerFactory,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
-):
+) -> None:
     engine = own_llama_engine
     original = LlamaModel.decode
 
@@ -117,7 +116,7 @@ async def test_a_llamacpp_decode_thread_that_raises_fails_requests_and_readiness
 
 async def test_a_synthetic_generation_that_raises_fails_requests_and_readiness(
     serve: ServerFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-):
+) -> None:
     engine = synthetic_engine(token_interval_seconds="0.02", completion_tokens="1000")
 
     class BreakingAssembler(TextAssembler):
@@ -137,7 +136,7 @@ async def test_an_exllamav2_worker_that_raises_fails_requests_and_readiness(
     serve: ServerFactory,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
-):
+) -> None:
     # iterate() failing is recovered from (the generator is rebuilt); anything else the worker
     # calls is not, e.g. enqueue() raising something other than its page assertion.
     engine = await exllamav2_double(cache_tokens=2048)

@@ -54,7 +54,7 @@ sys.exit(main(sys.argv[1:]))
 @pytest.mark.parametrize("engine", ["llamacpp", "exllamav2"])
 async def test_sigterm_during_a_model_load_exits_without_waiting_for_it(
     engine: str, tmp_path: Path, short_tmp: str
-):
+) -> None:
     flags = ["--engine", engine, "--sidecar-spawn", "false", "--sidecar-events", "false"]
     if engine == "exllamav2":
         flags += ["--exllamav2-model-dir", str(write_model_dir(tmp_path / "model"))]
@@ -84,7 +84,7 @@ async def test_sigterm_during_a_model_load_exits_without_waiting_for_it(
     assert "Traceback" not in log
 
 
-async def test_a_llamacpp_engine_outlives_another_one_closed_before_it():
+async def test_a_llamacpp_engine_outlives_another_one_closed_before_it() -> None:
     # llama.cpp's log callback is global: when it belonged to the model closed first, the
     # other model's close logged through freed memory and the process died (bus error).
     script = """
