@@ -8,6 +8,7 @@ Each engine's fault is injected by making a real call inside its worker raise.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -103,9 +104,13 @@ async def test_a_llamacpp_decode_thread_that_raises_fails_requests_and_readiness
     original = LlamaModel.decode
 
     def decode(self: LlamaModel, rows: Sequence[tuple[int, int, int, bool]]) -> int:
-        # The first step that carries both requests breaks, so both are in flight by then.
-        if self is engine._model and len({row[2] for row in rows}) == 2:
-            raise InjectedFault("injected decode fault")
+        if self is engine._model:
+            # The first step that carries both requests breaks, so both are in flight by then.
+            if len({row[2] for row in rows}) == 2:
+                raise InjectedFault("injected decode fault")
+            # Alone, the first request takes seconds, however fast the machine: the second one
+            # comes long before it could end.
+            time.sleep(0.01)
         return original(self, rows)
 
     monkeypatch.setattr(LlamaModel, "decode", decode)
