@@ -41,7 +41,9 @@ def build_app(
         max_waiting=settings.max_waiting,
         timeout_seconds=settings.queue_timeout_seconds,
     )
-    state = app[STATE] = ServerState(engine_healthy=lambda: engine.healthy)
+    state = app[STATE] = ServerState(
+        engine_healthy=lambda: engine.healthy, engine_failed=lambda: engine.failed
+    )
     app[BODY_TIMEOUT] = settings.body_timeout_seconds
     app[AUTH] = AuthState(keys)
     limits = KeyAdmission(

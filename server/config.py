@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from sidecar.settings import SidecarSettings
 
@@ -81,6 +81,19 @@ class LlamaCppSection(_Section):
         512, ge=16, le=65536, description="Tokens per decode call (prompt chunk size)."
     )
     threads: int = Field(0, ge=0, le=1024, description="CPU threads (0 = all cores).")
+
+    @field_validator("batch_tokens")
+    @classmethod
+    def _holds_a_token_of_every_sequence(cls, value: int, info: ValidationInfo) -> int:
+        # llama.cpp reserves one output row per sequence within a batch; a batch smaller than
+        # `parallel` aborts the process (GGML_ASSERT n_outputs_max) when the context is created.
+        parallel = info.data.get("parallel")
+        if parallel is not None and value < parallel:
+            raise ValueError(
+                f"must be at least llamacpp.parallel ({parallel}): every decode step carries "
+                "one token of each running sequence"
+            )
+        return value
 
 
 class ExLlamaV2Section(_Section):

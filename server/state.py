@@ -23,6 +23,8 @@ class ServerState:
     in_flight: int = 0
     # The engine's own health: it may be rebuilding after a fault while loaded.
     engine_healthy: Callable[[], bool] = lambda: True
+    # Its worker died: unlike recovering, this lasts until the process is restarted.
+    engine_failed: Callable[[], bool] = lambda: False
     started_at: float = field(default_factory=time.time)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -35,6 +37,8 @@ class ServerState:
             return "draining"
         if not self.loaded:
             return "loading"
+        if self.engine_failed():
+            return "failed"
         return "ready" if self.engine_healthy() else "recovering"
 
     def check_accepting(self) -> None:
@@ -48,6 +52,11 @@ class ServerState:
         if not self.loaded:
             raise ServiceUnavailable(
                 "The model is still loading.", code="model_loading", headers={"Retry-After": "5"}
+            )
+        if self.engine_failed():
+            raise ServiceUnavailable(
+                "The engine has failed; this server generates nothing until it is restarted.",
+                code="engine_failed",
             )
         if not self.engine_healthy():
             raise ServiceUnavailable(

@@ -46,6 +46,12 @@ def test_file_then_env_then_flags(tmp_path: Path):
         ({"LLMSERVE_SERVER_PROT": "1"}, {}, None, "LLMSERVE_SERVER_PROT"),
         ({}, {}, "server = 1\n", "[server] must be a table"),
         ({}, {}, "[server\n", "not valid TOML"),
+        (
+            {},
+            {},
+            "[llamacpp]\nparallel = 32\nbatch_tokens = 16\n",
+            "llamacpp.batch_tokens = 16 (from config file",
+        ),
     ],
 )
 def test_bad_values_name_the_field(

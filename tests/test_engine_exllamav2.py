@@ -22,7 +22,7 @@ from tests.conftest import ExLlamaV2Factory, ServerFactory, start
 from tests.exllamav2_double.generator.dynamic import ExLlamaV2DynamicGenerator
 from tests.exllamav2_double.generator.sampler import ExLlamaV2Sampler
 from tests.exllamav2_double.model import SCRIPT
-from tests.exllamav2_double.model_dir import ENDOFTEXT, IM_END, write_model_dir
+from tests.exllamav2_double.model_dir import ENDOFTEXT, IM_END, IM_START, write_model_dir
 
 DRY_STATE = {"ngram_trie", "ngram_index", "ngram_history"}
 
@@ -61,6 +61,19 @@ async def test_streams_the_text_in_order_and_ends_on_an_eos_id(exllamav2_double:
     assert completion.completion_tokens == len(SCRIPT) == sum(len(d.token_ids) for d in deltas)
     assert completion.prompt_tokens == 2
     assert completion.prefill_ns >= 0 and completion.decode_ns > 0
+
+
+async def test_the_first_delta_carries_text_so_ttft_is_not_stamped_before_any_is_sent(
+    exllamav2_double: ExLlamaV2Factory,
+) -> None:
+    # A special token decodes to no text (decode_special_tokens=False), and the library streams
+    # its id alone; the server stamps TTFT at the first delta, so that delta must carry text.
+    engine = await exllamav2_double(script="<|im_start|>Calm sea")
+    deltas, completion = await run(engine, "Hi")
+    assert [d.text for d in deltas] == list("Calm sea")
+    assert deltas[0].token_ids == (IM_START, *engine.tokenize("C", add_special=False))
+    assert completion.completion_tokens == 1 + len("Calm sea")
+    assert sum(len(d.token_ids) for d in deltas) == completion.completion_tokens
 
 
 async def test_jobs_interleave(exllamav2_double: ExLlamaV2Factory):

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 from server.chat_template import ChatTemplate
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +152,26 @@ def now_ns() -> int:
     return time.monotonic_ns()
 
 
+async def in_daemon_thread(work: Callable[[], _T], name: str) -> _T:
+    """Run blocking `work` (a model load) on a daemon thread and wait for it.
+
+    Unlike `asyncio.to_thread`, whose executor threads the interpreter joins at exit, a process
+    told to stop meanwhile (SIGTERM during a long load) exits without waiting for the work.
+    """
+    future: concurrent.futures.Future[_T] = concurrent.futures.Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(work())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await asyncio.wrap_future(future)
+
+
 class EngineError(Exception):
     """The engine cannot serve a request; the message is safe to show to the client."""
 
@@ -213,6 +236,11 @@ class Engine(abc.ABC):
     def healthy(self) -> bool:
         """False while the engine recovers from a fault (readiness is 503 meanwhile)."""
         return True
+
+    @property
+    def failed(self) -> bool:
+        """True once the engine's worker has died: nothing more is generated until a restart."""
+        return False
 
     def kv_usage(self) -> float:
         """Share of the KV cache in use (0-1); engines without one report 0."""

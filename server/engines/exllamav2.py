@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +40,7 @@ from server.engines.exllamav2_files import ModelFiles, read_model_files
 from server.engines.exllamav2_jobs import new_job
 from server.engines.exllamav2_library import Library, load_library
 from server.engines.exllamav2_loader import LoadedModel, load_model, max_batch_size
+from server.engines.fault import WorkerFault
 
 __all__ = ["ExLlamaV2Engine"]
 
@@ -60,6 +61,9 @@ class _Request:
     started_ns: int = 0
     first_token_ns: int = 0
     tokens: int = 0
+    # Ids of tokens that brought no text yet (special tokens, held text): they go out with the
+    # next text, as the llamacpp engine does, so the first delta a server sees carries text.
+    unsent_ids: list[int] = field(default_factory=list)
 
 
 class ExLlamaV2Engine(Engine):
@@ -84,6 +88,7 @@ class ExLlamaV2Engine(Engine):
         self._kv_usage = 0.0
         self._cancelled_total = 0
         self._worker: threading.Thread | None = None
+        self._fault = WorkerFault(self.kind)
 
     # Engine interface -------------------------------------------------------------------------
 
@@ -110,6 +115,10 @@ class ExLlamaV2Engine(Engine):
     @property
     def healthy(self) -> bool:
         return self._healthy
+
+    @property
+    def failed(self) -> bool:
+        return self._fault.message is not None
 
     @property
     def active_sequences(self) -> int:
@@ -186,6 +195,8 @@ class ExLlamaV2Engine(Engine):
 
     def start(self, request: GenerationRequest) -> GenerationStream:
         self._require_loaded()
+        if self.failed:
+            return self._fault.ended_stream(request)
         holder: list[_Request] = []
         stream = GenerationStream(cancel=lambda: self._submit(("cancel", holder[0])))
         holder.append(_Request(request, stream, now_ns()))
@@ -217,11 +228,16 @@ class ExLlamaV2Engine(Engine):
             )
             return
         ready.set_result(loaded)
+        reason: FinishReason = "cancelled"
+        error = None
         try:
             while generator is not None:
                 generator = self._step(loaded, generator)
+        except Exception as exc:
+            # Not iterate() (that rebuilds the generator) but our own handling of it: a bug.
+            reason, error = "error", self._fault.record(exc)
         finally:
-            self._finish_all()
+            self._finish_all(reason, error)
             loaded.unload()
 
     def _step(self, loaded: LoadedModel, generator: Any) -> Any:
@@ -232,24 +248,43 @@ class ExLlamaV2Engine(Engine):
                 self._lock.wait()
             if self._closing:
                 return None
-            commands = list(self._commands)
+            commands = deque(self._commands)
             self._commands.clear()
         out: _Delivery = []
-        for kind, item in commands:
-            if kind == "start":
-                self._enqueue(loaded, generator, item, out)
-            else:
-                self._cancel(generator, item, out)
-        if generator.num_remaining_jobs():
+        # What this step produced reaches the streams even if the step then raises.
+        try:
+            self._apply(loaded, generator, commands, out)
+            if not generator.num_remaining_jobs():
+                return generator
             try:
                 results = generator.iterate()
             except Exception as exc:
-                deliver_threadsafe(out)
-                return self._rebuild(loaded, generator, exc)
-            self._translate(results, now_ns(), out)
-            self._kv_usage = len(generator.referenced_pages) / generator.max_pages
-        deliver_threadsafe(out)
-        return generator
+                failure = exc
+            else:
+                self._translate(results, now_ns(), out)
+                self._kv_usage = len(generator.referenced_pages) / generator.max_pages
+                return generator
+        finally:
+            deliver_threadsafe(out)
+        return self._rebuild(loaded, generator, failure)
+
+    def _apply(
+        self, loaded: LoadedModel, generator: Any, commands: deque[_Command], out: _Delivery
+    ) -> None:
+        """Run the commands in order; if one raises, it and the rest go back to the queue, so
+        that the requests they carry are ended, not lost."""
+        try:
+            while commands:
+                kind, item = commands[0]
+                if kind == "start":
+                    self._enqueue(loaded, generator, item, out)
+                else:
+                    self._cancel(generator, item, out)
+                commands.popleft()
+        except Exception:
+            with self._lock:
+                self._commands.extendleft(reversed(commands))
+            raise
 
     def _enqueue(self, loaded: LoadedModel, generator: Any, item: _Request, out: _Delivery) -> None:
         request = item.request
@@ -294,7 +329,10 @@ class ExLlamaV2Engine(Engine):
             if text or ids:
                 item.first_token_ns = item.first_token_ns or stamp
                 item.tokens += len(ids)
-                out.append((item.stream, TokenDelta(text, ids, stamp)))
+                item.unsent_ids += ids
+            if text or (result["eos"] and item.unsent_ids):
+                out.append((item.stream, TokenDelta(text, tuple(item.unsent_ids), stamp)))
+                item.unsent_ids.clear()
             if result["eos"]:
                 del self._jobs[result["job"]]
                 out.append((item.stream, _finished(item, result)))
@@ -345,14 +383,13 @@ class ExLlamaV2Engine(Engine):
         log.info("ExLlamaV2 generator rebuilt; serving again")
         return generator
 
-    def _finish_all(self) -> None:
-        out: _Delivery = [(i.stream, _completion(i, "cancelled")) for i in self._jobs.values()]
-        self._jobs.clear()
+    def _finish_all(self, reason: FinishReason, error: str | None) -> None:
         with self._lock:
             waiting = [item for kind, item in self._commands if kind == "start"]
             self._commands.clear()
-        out += [(item.stream, _completion(item, "cancelled")) for item in waiting]
-        deliver_threadsafe(out)
+        items = [*self._jobs.values(), *waiting]
+        self._jobs.clear()
+        deliver_threadsafe([(item.stream, _completion(item, reason, error)) for item in items])
 
 
 def _token_ids(tensor: Any) -> tuple[int, ...]:

@@ -36,8 +36,10 @@ from server.engines.base import (
     RequestTooLarge,
     TokenDelta,
     deliver_threadsafe,
+    in_daemon_thread,
     now_ns,
 )
+from server.engines.fault import WorkerFault
 from server.engines.llamacpp_model import ContextShape, LlamaModel
 from server.engines.llamacpp_sampling import TokenSampler
 from server.engines.text_output import TextAssembler
@@ -104,6 +106,7 @@ class LlamaCppEngine(Engine):
         self._slot_tokens: dict[int, list[int]] = {}
         self._closing = False
         self._worker: threading.Thread | None = None
+        self._fault = WorkerFault(self.kind)
         self._cancelled_total = 0
 
     # Engine interface -------------------------------------------------------------------------
@@ -125,6 +128,10 @@ class LlamaCppEngine(Engine):
         return self._shape.parallel
 
     @property
+    def failed(self) -> bool:
+        return self._fault.message is not None
+
+    @property
     def active_sequences(self) -> int:
         with self._lock:
             return len(self._active) + len(self._pending)
@@ -141,7 +148,7 @@ class LlamaCppEngine(Engine):
     async def load(self) -> ModelInfo:
         started = time.monotonic()
         log.info("loading %s with llama.cpp", self._path)
-        model = await asyncio.to_thread(self._load_model)
+        model = await in_daemon_thread(self._load_model, "llamacpp-load")
         load_seconds = time.monotonic() - started
         self._model = model
         self._add_bos = model.adds_bos
@@ -169,7 +176,7 @@ class LlamaCppEngine(Engine):
                 "size_bytes": model.size_bytes(),
                 "trained_context": model.train_context,
                 "threads": self._shape.threads,
-                "batch_tokens": self._shape.batch_tokens,
+                "batch_tokens": model.batch_capacity,
             },
         )
         self._worker = threading.Thread(target=self._run, name="llamacpp-decode", daemon=True)
@@ -230,6 +237,8 @@ class LlamaCppEngine(Engine):
         with self._lock:
             if self._closing:
                 raise EngineError("the engine is shutting down")
+            if self.failed:
+                return self._fault.ended_stream(request)
             self._pending.append(seq)
             self._lock.notify()
         return stream
@@ -248,11 +257,15 @@ class LlamaCppEngine(Engine):
 
     def _run(self) -> None:
         model = self._require_model()
+        reason: FinishReason = "cancelled"
+        error = None
         try:
             while self._next_step(model):
                 pass
+        except Exception as exc:
+            reason, error = "error", self._fault.record(exc)
         finally:
-            self._finish_everything("cancelled")
+            self._finish_everything(reason, error)
 
     def _next_step(self, model: LlamaModel) -> bool:
         out: _Delivery = []
@@ -388,16 +401,16 @@ class LlamaCppEngine(Engine):
         model.forget_all()
         self._slot_tokens.clear()
 
-    def _finish_everything(self, reason: FinishReason) -> None:
+    def _finish_everything(self, reason: FinishReason, error: str | None) -> None:
         out: _Delivery = []
         with self._lock:
             model = self._model
             for seq in list(self._active):
                 if model is not None:
-                    self._finish(model, seq, reason, out)
+                    self._finish(model, seq, reason, out, error)
             while self._pending:
                 seq = self._pending.popleft()
-                out.append((seq.stream, self._completion(seq, reason)))
+                out.append((seq.stream, self._completion(seq, reason, error)))
         deliver_threadsafe(out)
 
     @staticmethod

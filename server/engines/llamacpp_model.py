@@ -8,6 +8,7 @@ batch buffer and the logits each decode leaves, and nothing about scheduling or 
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -34,6 +35,25 @@ def _import_llama_cpp() -> Any:
     return llama_cpp
 
 
+@functools.cache
+def _route_llama_logs(lib: Any) -> Any:
+    """Send llama.cpp's chatter to our logger instead of raw stderr.
+
+    llama.cpp keeps one callback for the whole process, so it is set once and kept for good: a
+    callback owned by a model would dangle once that model is gone, and the next line llama.cpp
+    logs (freeing another model, say) would crash the process.
+    """
+
+    def on_log(level: int, text: bytes, _data: object) -> None:
+        py_level = _LLAMA_LOG_LEVELS.get(level, logging.DEBUG)
+        if log.isEnabledFor(py_level):
+            log.log(py_level, "%s", text.decode("utf-8", "replace").rstrip())
+
+    callback = lib.llama_log_callback(on_log)
+    lib.llama_log_set(callback, ctypes.c_void_p(0))
+    return callback
+
+
 @dataclass(frozen=True, slots=True)
 class ContextShape:
     context_per_sequence: int
@@ -50,7 +70,7 @@ class LlamaModel:
     ) -> None:
         self.lib = lib = _import_llama_cpp()
         self._keep_alive: list[Any] = []
-        self._route_llama_logs()
+        _route_llama_logs(lib)
         lib.llama_backend_init()
 
         model_params = lib.llama_model_default_params()
@@ -70,6 +90,14 @@ class LlamaModel:
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = int(lib.llama_vocab_n_tokens(self.vocab))
         self.train_context = int(lib.llama_model_n_ctx_train(self.model))
+        if shape.context_per_sequence > self.train_context:
+            # llama.cpp only warns, and the model then writes nonsense past what it was trained on.
+            lib.llama_model_free(self.model)
+            raise EngineError(
+                f"llamacpp.context_per_sequence = {shape.context_per_sequence} is more than the "
+                f"{self.train_context} tokens {path} was trained on; set it to at most "
+                f"{self.train_context}"
+            )
 
         ctx_params = lib.llama_context_default_params()
         ctx_params.n_ctx = shape.context_per_sequence * shape.parallel
@@ -86,26 +114,19 @@ class LlamaModel:
         self.ctx = lib.llama_init_from_model(self.model, ctx_params)
         if not self.ctx:
             lib.llama_model_free(self.model)
-            raise EngineError("llama.cpp could not create a context (out of memory?)")
+            raise EngineError(
+                f"llama.cpp could not create a context of {ctx_params.n_ctx} tokens "
+                f"(llamacpp.context_per_sequence {shape.context_per_sequence} x "
+                f"llamacpp.parallel {shape.parallel}); out of memory?"
+            )
         self.memory = lib.llama_get_memory(self.ctx)
         self.context_per_sequence = int(lib.llama_n_ctx_seq(self.ctx))
-        self.batch_capacity = shape.batch_tokens
-        self.batch = lib.llama_batch_init(shape.batch_tokens, 0, 1)
+        # llama.cpp lowers n_batch to the whole context when that is smaller; a decode call
+        # with more tokens than it kept aborts the process (GGML_ASSERT n_tokens_all <= n_batch).
+        self.batch_capacity = int(lib.llama_n_batch(self.ctx))
+        self.batch = lib.llama_batch_init(self.batch_capacity, 0, 1)
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._pieces: dict[int, bytes] = {}
-
-    def _route_llama_logs(self) -> None:
-        """Send llama.cpp's chatter to our logger instead of raw stderr."""
-        lib = self.lib
-
-        def on_log(level: int, text: bytes, _data: object) -> None:
-            py_level = _LLAMA_LOG_LEVELS.get(level, logging.DEBUG)
-            if log.isEnabledFor(py_level):
-                log.log(py_level, "%s", text.decode("utf-8", "replace").rstrip())
-
-        callback = lib.llama_log_callback(on_log)
-        self._keep_alive.append(callback)
-        lib.llama_log_set(callback, ctypes.c_void_p(0))
 
     # metadata -------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from server.engines.base import (
     TokenDelta,
     now_ns,
 )
+from server.engines.fault import WorkerFault
 from server.engines.text_output import TextAssembler
 
 _WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
@@ -55,6 +56,7 @@ class SyntheticEngine(Engine):
         self._interval = token_interval_seconds
         self._length = completion_tokens
         self._tasks: set[asyncio.Task[None]] = set()
+        self._fault = WorkerFault(self.kind)
         self._cancelled_total = 0
 
     @property
@@ -68,6 +70,10 @@ class SyntheticEngine(Engine):
     @property
     def parallel(self) -> int:
         return self._info.parallel
+
+    @property
+    def failed(self) -> bool:
+        return self._fault.message is not None
 
     @property
     def active_sequences(self) -> int:
@@ -95,8 +101,10 @@ class SyntheticEngine(Engine):
             raise EngineError(f"token id {bad} is outside the vocabulary (0..{VOCAB_SIZE - 1})")
 
     def start(self, request: GenerationRequest) -> GenerationStream:
+        if self.failed:
+            return self._fault.ended_stream(request)
         holder: list[asyncio.Task[None]] = []
-        stream = GenerationStream(cancel=lambda: holder[0].cancel())
+        stream = GenerationStream(cancel=lambda: _cancel(holder[0]))
         task = asyncio.get_running_loop().create_task(self._generate(request, stream))
         holder.append(task)
         self._tasks.add(task)
@@ -112,6 +120,7 @@ class SyntheticEngine(Engine):
         generated = 0
         first_ns = 0
         reason: FinishReason = "length"
+        error = None
         try:
             for i in range(limit):
                 await asyncio.sleep(begin + self._first_token + i * self._interval - loop.time())
@@ -129,12 +138,22 @@ class SyntheticEngine(Engine):
             if tail:
                 stream.deliver(TokenDelta(tail, (), now_ns()))
         except asyncio.CancelledError:
-            self._cancelled_total += 1
-            reason = "cancelled"
+            if self.failed:
+                reason, error = "error", self._fault.message
+            else:
+                self._cancelled_total += 1
+                reason = "cancelled"
+        except Exception as exc:
+            # Like a decode thread dying: this engine stops, and so do the other generations.
+            reason, error = "error", self._fault.record(exc)
+            for task in self._tasks - {asyncio.current_task()}:
+                task.cancel()
         end = now_ns()
         first_ns = first_ns or end
         # Not active any more once the reader can see the result (the done callback runs later).
-        self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+        current = asyncio.current_task()
+        if current is not None:
+            self._tasks.discard(current)
         stream.deliver(
             Completion(
                 finish_reason=reason,
@@ -142,5 +161,10 @@ class SyntheticEngine(Engine):
                 completion_tokens=generated,
                 prefill_ns=first_ns - started,
                 decode_ns=end - first_ns,
+                error=error,
             )
         )
+
+
+def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()

@@ -273,11 +273,12 @@ class ExLlamaV2DynamicGenerator:
             self.active_jobs.remove(job)
 
     def model_next_token(self, job: ExLlamaV2DynamicJob) -> int:
-        """The double's forward pass and sampler: the script, then an EOS id, repeated."""
+        """The double's forward pass and sampler: the script, then an EOS id, repeated. A
+        special token's text in the script is that token, as a model may generate one."""
         if self._script is None:
             tokenizer = self.tokenizer
             self._script = [
-                *tokenizer.encode(self.model.script)[0].tolist(),
+                *tokenizer.encode(self.model.script, encode_special_tokens=True)[0].tolist(),
                 tokenizer.eos_token_id,
             ]
         return self._script[job.new_tokens % len(self._script)]
