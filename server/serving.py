@@ -331,10 +331,18 @@ class GenerationService:
                 await events.open()
                 if isinstance(fmt, ChatFormat):
                     await events.send(fmt.role())
+                # Token ids that bring no text yet are counted with the next text, so the first
+                # token's time is when the client first received text.
+                unsent = 0
                 async for delta in generation:
-                    if delta.text:
-                        await events.send(fmt.delta(delta.text))
-                    telemetry.written(len(delta.token_ids))
+                    if not delta.text:
+                        unsent += len(delta.token_ids)
+                        continue
+                    await events.send(fmt.delta(delta.text))
+                    telemetry.written(unsent + len(delta.token_ids))
+                    unsent = 0
+                if unsent:
+                    telemetry.written(unsent)
             completion = _completed(generation.completion)
             if completion.finish_reason in ("stop", "length"):
                 await events.send(fmt.finish(completion.finish_reason))

@@ -72,9 +72,8 @@ def _ids(value: object) -> list[int]:
 def _token_text(value: object) -> str:
     if isinstance(value, str):
         return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
-    return ""
+    content = value.get("content") if isinstance(value, dict) else None
+    return content if isinstance(content, str) else ""
 
 
 def _chat_template(root: Path, tokenizer: dict[str, Any]) -> str | None:

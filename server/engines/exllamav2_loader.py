@@ -59,7 +59,7 @@ class LoadedModel:
     @property
     def context_length(self) -> int:
         """Prompt plus completion one request may use: bounded by the model and by the cache."""
-        return min(self.config.max_seq_len, self.cache_tokens) - self.draft_tokens
+        return min(int(self.config.max_seq_len), self.cache_tokens) - self.draft_tokens
 
     def new_generator(self) -> Any:
         generator = self.library.generator
