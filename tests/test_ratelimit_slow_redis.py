@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import re
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -19,14 +20,16 @@ import aiohttp
 import pytest
 import redis.asyncio as redis
 from aiohttp.test_utils import TestServer
+from pydantic import ValidationError
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from server.app_keys import SERVICE
 from server.keys import KeyEntry, KeyStore, hash_secret
-from server.ratelimit import Limiter
+from server.ratelimit import Limiter, MemoryLimiter
 from server.ratelimit.redis_limiter import RedisLimiter, connect
-from tests.conftest import RedisServer, ServerFactory, synthetic_engine
+from server.ratelimit.redis_scripts import ADMIT, RENEW, SETTLE
+from tests.conftest import RedisServer, ServerFactory, free_port, synthetic_engine
 from tests.test_ratelimit import SECRET, keys_file, post
 
 # 100,000 tokens a day refill at 1.16 a second: a reservation left unrefunded stays visible.
@@ -77,10 +80,12 @@ class Books:
     async def leases_are(self, *expected: bytes) -> bool:
         return await self.leases() == list(expected)
 
-    async def balanced(self, spent: int) -> bool:
-        """No lease held and exactly `spent` tokens charged (give or take the refill)."""
+    async def balanced(self, spent: int, at_most: int | None = None) -> bool:
+        """No lease held, and `spent` tokens charged (or up to `at_most`), give or take the
+        refill."""
         left = await self.tokens_left()
-        return not await self.leases() and TPD - spent - 1 <= left <= TPD - spent + SLACK
+        low, high = TPD - (at_most or spent) - 1, TPD - spent + SLACK
+        return not await self.leases() and low <= left <= high
 
 
 @pytest.fixture
@@ -169,34 +174,29 @@ async def test_an_admit_that_redis_runs_late_is_undone(
 async def test_a_finish_during_client_pause_is_settled_after_it(
     serve: ServerFactory, short_tmp: str, redis_server: RedisServer, books: Books
 ) -> None:
-    server = await limited_server(serve, short_tmp, slow_redis_limiter(redis_server))
+    limiter = slow_redis_limiter(redis_server)
+    server = await limited_server(serve, short_tmp, limiter, completion_tokens="5000")
     limits = server.app[SERVICE].limits
-    body = {
-        "model": "synthetic",
-        "prompt": "hi",
-        "max_tokens": 5000,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    body = {"model": "synthetic", "prompt": "hi", "max_tokens": 5000, "stream": True}
     async with aiohttp.ClientSession() as session:
-        async with session.post(
+        response = await session.post(
             server.make_url("/v1/completions"),
             json=body,
             headers={"Authorization": f"Bearer {SECRET}"},
-        ) as response:
-            assert response.status == 200
-            await response.content.readuntil(b"data: ")
-            await books.admin.client_pause(600_000, all=False)
-            try:
-                stream = await response.read()
-                # The stream has ended and its reconciliation has given up on the paused Redis.
-                assert await eventually(lambda: limits.backend_errors >= 1)
-                assert len(await books.leases()) == 1
-            finally:
-                await books.admin.client_unpause()
-    usage = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith(b"data: {")]
-    spent = used_tokens(usage[-1])
-    assert await eventually(lambda: books.balanced(spent)), (
+        )
+        assert response.status == 200
+        await response.content.readuntil(b"data: ")
+        await books.admin.client_pause(600_000, all=False)
+        try:
+            assert len(await books.leases()) == 1
+            # Hung up on, the stream ends now, and its reconciliation gives up on Redis.
+            response.close()
+            assert await eventually(lambda: limits.backend_errors >= 1)
+            assert len(await books.leases()) == 1
+        finally:
+            await books.admin.client_unpause()
+    # Its lease is gone and the 5001 tokens it reserved are back but for the few it used.
+    assert await eventually(lambda: books.balanced(1, 1000)), (
         await books.leases(),
         await books.tokens_left(),
     )
@@ -263,3 +263,167 @@ async def test_a_stream_outliving_its_lease_keeps_its_slot_across_a_redis_restar
         response.close()
     assert await eventually(books.leases_are)
     assert (await post(server))[0] == 200
+
+
+@pytest.fixture(params=["memory", "redis"])
+def any_limiter(request: pytest.FixtureRequest) -> Limiter:
+    if request.param == "memory":
+        return MemoryLimiter()
+    return slow_redis_limiter(request.getfixturevalue("redis_server"))
+
+
+async def test_a_request_cancelled_while_queued_gives_back_its_lease_and_tokens(
+    serve: ServerFactory, short_tmp: str, any_limiter: Limiter
+) -> None:
+    # One engine slot: the second request waits in the queue holding a lease and 5001 tokens.
+    engine = synthetic_engine(
+        parallel="1", first_token_seconds="0", token_interval_seconds="0.02", completion_tokens="40"
+    )
+    server = await serve(
+        engine,
+        keys=KeyStore(keys_file(short_tmp, concurrency=2, tpd=8000)),
+        limiter=any_limiter,
+        **{"engine.kind": "synthetic"},
+    )
+    gate = server.app[SERVICE].gate
+    running = asyncio.create_task(post(server, max_tokens=100))
+    assert await eventually(lambda: gate.running == 1)
+    queued = asyncio.create_task(post(server, max_tokens=5000))
+    assert await eventually(lambda: gate.waiting == 1)
+    queued.cancel()
+    assert await eventually(lambda: gate.waiting == 0)
+    assert (await running)[0] == 200
+    # Both slots and over 7,100 of the 8,000 tokens are free again only if the cancelled
+    # request gave back its lease and its reservation.
+    # (The first request's own finish runs in the background: it may take a moment.)
+
+    async def both_admitted() -> bool:
+        big, small = await asyncio.gather(post(server, max_tokens=7000), post(server))
+        return big[0] == small[0] == 200
+
+    assert await eventually(both_admitted)
+
+
+async def test_a_memory_admit_cannot_be_cancelled_halfway() -> None:
+    # It never suspends: a cancel lands before it starts (nothing charged) or after it returns
+    # (the caller holds the reservation and its finally settles it).
+    limiter = MemoryLimiter()
+    cancelled = asyncio.create_task(limiter.admit(KEY, 5000))
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    whole = asyncio.create_task(limiter.admit(KEY, 5000))
+    await asyncio.sleep(0)
+    assert whole.done() and whole.result().allowed
+    refused = await limiter.admit(KEY, 1)
+    assert not refused.allowed and refused.limit == "concurrency"
+    reservation = whole.result().reservation
+    assert reservation is not None
+    await limiter.finish(reservation, 0)
+    assert (await limiter.admit(KEY, TPD)).allowed
+
+
+async def test_the_scripts_commute_whatever_order_redis_runs_them_in(books: Books) -> None:
+    client = books.admin
+    admit, settle, renew = (client.register_script(s) for s in (ADMIT, SETTLE, RENEW))
+    running = ["llmserve:rl:{acme}:leases", "llmserve:rl:{acme}:settled"]
+    keys = ["llmserve:rl:{acme}:tpd", *running]
+    day = 86_400_000
+
+    async def admitted(grant: str) -> bytes:
+        status, *_ = await admit(keys=keys, args=[30_000, 1, grant, 1, "tpd", TPD, day, 5000])
+        return bytes(status)
+
+    async def settled(grant: str) -> None:
+        await settle(keys=keys, args=[grant, 120_000, 1, TPD, day, 5000])
+
+    # Settled first (its request gave up on Redis), the admit that runs late is void.
+    await settled("late")
+    assert await admitted("late") == b"void"
+    assert await books.balanced(0)
+    # An admit run twice (a retry after a lost answer) charges once and holds one lease.
+    assert [await admitted("twice"), await admitted("twice")] == [b"ok", b"ok"]
+    assert await books.leases() == [b"twice"]
+    assert TPD - 5000 - 1 <= await books.tokens_left() <= TPD - 5000 + SLACK
+    # Settled twice, it is refunded once; a renewal in flight when it ended does not revive it.
+    await settled("twice")
+    await settled("twice")
+    await renew(keys=running, args=[30_000, "twice"])
+    assert await books.balanced(0)
+
+
+async def test_scripts_flushed_from_redis_are_loaded_again(
+    redis_server: RedisServer, books: Books
+) -> None:
+    limiter = slow_redis_limiter(redis_server)
+    await books.admin.script_flush()
+    first = await limiter.admit(KEY, 10)
+    assert first.reservation is not None
+    await books.admin.script_flush()
+    await limiter.finish(first.reservation, 4)
+    await books.admin.script_flush()
+    second = await limiter.admit(KEY, 10)
+    assert second.reservation is not None
+    await limiter.finish(second.reservation, 4)
+    assert await books.balanced(8)
+    await limiter.close()
+
+
+async def test_a_read_only_replica_follows_the_policy_and_recovers(
+    serve: ServerFactory, short_tmp: str, redis_server: RedisServer, books: Books
+) -> None:
+    server = await limited_server(serve, short_tmp, slow_redis_limiter(redis_server), "fail_closed")
+    # Demoted by a failover, a node answers every write, a script's included, with READONLY.
+    await books.admin.replicaof("127.0.0.1", str(free_port()))
+    status, _, body = await post(server)
+    assert status == 503 and body["error"]["code"] == "rate_limiter_unavailable"
+    assert "READONLY" not in body["error"]["message"]
+    await books.admin.replicaof("NO", "ONE")
+
+    answers: list[Any] = []
+
+    async def admitted() -> bool:
+        status, _, body = await post(server)
+        answers.append(body)
+        return status == 200
+
+    assert await eventually(admitted)
+    # The request refused while Redis was read-only is charged nothing.
+    assert await eventually(lambda: books.balanced(used_tokens(answers[-1])))
+
+
+async def test_nothing_a_client_sends_reaches_a_redis_key(
+    serve: ServerFactory, short_tmp: str, redis_server: RedisServer, books: Books
+) -> None:
+    server = await limited_server(serve, short_tmp, slow_redis_limiter(redis_server))
+    hostile = {
+        "Authorization": f"Bearer {SECRET}",
+        "x-request-id": "\xff\xfe{acme}:leases" * 400,  # not UTF-8 on the wire, and long
+    }
+    body = {
+        "model": "synthetic",
+        "prompt": "hi",
+        "max_tokens": 3,
+        "user": "\u00e9}{acme}:leases" * 16,
+    }
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            server.make_url("/v1/completions"),
+            data=json.dumps(body),
+            headers={**hostile, "Content-Type": "application/json"},
+        ) as response:
+            answer = await response.json()
+            assert response.status == 200, answer
+            spent = used_tokens(answer)
+    assert await eventually(lambda: books.balanced(spent))
+    names = [name for name in await books.admin.keys("*") if isinstance(name, bytes)]
+    assert names
+    for name in names:
+        assert re.fullmatch(rb"llmserve:rl:\{acme\}:(rpm|tpm|tpd|leases|settled)", name)
+        if name.endswith((b"leases", b"settled")):
+            for grant in await books.admin.zrange(name, 0, -1):
+                assert isinstance(grant, bytes) and re.fullmatch(rb"[0-9a-f]{32}", grant)
+    # Key names come from the keys file, where anything but a short ASCII name is refused.
+    for name in ("\udcff", "acme}:leases", "a" * 300):
+        with pytest.raises(ValidationError):
+            KeyEntry.model_validate({"name": name, "sha256": hash_secret(SECRET)})
