@@ -8,10 +8,13 @@ is charged nothing, even if Redis runs its admit later. The books are read strai
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import re
+import shutil
 import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -26,7 +29,7 @@ from redis.backoff import NoBackoff
 
 from server.app_keys import SERVICE
 from server.keys import KeyEntry, KeyStore, hash_secret
-from server.ratelimit import Limiter, MemoryLimiter
+from server.ratelimit import Limiter, LimiterUnavailable, MemoryLimiter
 from server.ratelimit.redis_limiter import RedisLimiter, connect
 from server.ratelimit.redis_scripts import ADMIT, RENEW, SETTLE
 from tests.conftest import RedisServer, ServerFactory, free_port, synthetic_engine
@@ -56,11 +59,8 @@ async def eventually(check: Callable[[], Awaitable[bool] | bool], seconds: float
 class Books:
     """What Redis holds for the key `acme`: its leases and its daily token level."""
 
-    def __init__(self, url: str) -> None:
-        # Its connection may die with a restarted Redis: the next command reconnects.
-        self.admin = redis.from_url(
-            url, retry=Retry(NoBackoff(), 3), retry_on_error=[redis.ConnectionError]
-        )
+    def __init__(self, admin: redis.Redis) -> None:
+        self.admin = admin
 
     async def leases(self) -> list[bytes]:
         members = await self.admin.zrange("llmserve:rl:{acme}:leases", 0, -1)
@@ -90,7 +90,12 @@ class Books:
 
 @pytest.fixture
 async def books(redis_server: RedisServer) -> AsyncIterator[Books]:
-    books = Books(redis_server.url)
+    # Its connection may die with a restarted Redis: the next command reconnects.
+    books = Books(
+        redis.from_url(
+            redis_server.url, retry=Retry(NoBackoff(), 3), retry_on_error=[redis.ConnectionError]
+        )
+    )
     yield books
     await books.admin.aclose()
 
@@ -424,6 +429,121 @@ async def test_nothing_a_client_sends_reaches_a_redis_key(
             for grant in await books.admin.zrange(name, 0, -1):
                 assert isinstance(grant, bytes) and re.fullmatch(rb"[0-9a-f]{32}", grant)
     # Key names come from the keys file, where anything but a short ASCII name is refused.
-    for name in ("\udcff", "acme}:leases", "a" * 300):
+    for bad in ("\udcff", "acme}:leases", "a" * 300):
         with pytest.raises(ValidationError):
-            KeyEntry.model_validate({"name": name, "sha256": hash_secret(SECRET)})
+            KeyEntry.model_validate({"name": bad, "sha256": hash_secret(SECRET)})
+
+
+async def _command(node: redis.Redis, *args: object) -> Any:
+    return await node.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+async def _pings(node: redis.Redis) -> bool:
+    try:
+        return bool(await node.ping())
+    except redis.ConnectionError:
+        return False
+
+
+class Cluster:
+    """Two real redis-server nodes in cluster mode, each serving half of the slots."""
+
+    def __init__(self, directory: str) -> None:
+        self.ports = [free_port(), free_port()]
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is missing: scripts/setup --test installs it"
+        self.processes = [
+            subprocess.Popen(
+                [
+                    *(binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory),
+                    *("--save", "", "--appendonly", "no", "--cluster-enabled", "yes"),
+                    *("--cluster-config-file", f"nodes-{port}.conf"),
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+            for port in self.ports
+        ]
+        self.nodes = [redis.Redis(port=port) for port in self.ports]
+
+    async def form(self) -> None:
+        for node in self.nodes:
+            assert await eventually(functools.partial(_pings, node))
+        await _command(self.nodes[0], "CLUSTER", "ADDSLOTSRANGE", 0, 8191)
+        await _command(self.nodes[1], "CLUSTER", "ADDSLOTSRANGE", 8192, 16383)
+        await _command(self.nodes[0], "CLUSTER", "MEET", "127.0.0.1", self.ports[1])
+
+        async def formed() -> bool:
+            infos = [await _command(node, "CLUSTER", "INFO") for node in self.nodes]
+            return all(b"cluster_state:ok" in i and b"known_nodes:2" in i for i in infos)
+
+        assert await eventually(formed)
+
+    @staticmethod
+    def owner(slot: int) -> int:
+        """The index of the node that serves `slot`."""
+        return 0 if slot < 8192 else 1
+
+    async def move(self, slot: int, source: int, target: int) -> None:
+        """Migrate a slot with its keys, as redis-cli --cluster reshard does."""
+        src, dst = self.nodes[source], self.nodes[target]
+        src_id = await _command(src, "CLUSTER", "MYID")
+        dst_id = await _command(dst, "CLUSTER", "MYID")
+        await _command(dst, "CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        await _command(src, "CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        keys = await _command(src, "CLUSTER", "GETKEYSINSLOT", slot, 100)
+        port = self.ports[target]
+        await _command(src, "MIGRATE", "127.0.0.1", port, "", 0, 5000, "KEYS", *keys)
+        for node in (dst, src):
+            await _command(node, "CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+
+    async def stop(self) -> None:
+        for node in self.nodes:
+            await node.aclose()
+        for process in self.processes:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+async def cluster(short_tmp: str) -> AsyncIterator[Cluster]:
+    cluster = Cluster(short_tmp)
+    try:
+        await cluster.form()
+        yield cluster
+    finally:
+        await cluster.stop()
+
+
+async def test_one_redis_mode_against_a_cluster_says_what_to_set(cluster: Cluster) -> None:
+    slot = await _command(cluster.nodes[0], "CLUSTER", "KEYSLOT", "{acme}")
+    elsewhere = cluster.ports[1 - cluster.owner(slot)]
+    limiter = RedisLimiter(
+        connect("single", f"redis://127.0.0.1:{elsewhere}/0", None),
+        timeout_seconds=0.25,
+        lease_seconds=30,
+    )
+    with pytest.raises(LimiterUnavailable, match='redis_mode = "cluster"'):
+        await limiter.admit(KEY, 10)
+    await limiter.close()
+
+
+async def test_a_cluster_slot_moved_mid_lease_keeps_the_books(cluster: Cluster) -> None:
+    slot = await _command(cluster.nodes[0], "CLUSTER", "KEYSLOT", "{acme}")
+    owner = cluster.owner(slot)
+    limiter = RedisLimiter(
+        connect("cluster", f"redis://127.0.0.1:{cluster.ports[1 - owner]}/0", None),
+        timeout_seconds=1.0,
+        lease_seconds=30,
+    )
+    first = await limiter.admit(KEY, 5000)
+    assert first.reservation is not None
+    assert not (await limiter.admit(KEY, 1)).allowed
+    # Resharded while the request runs: the client still sends the slot to its old owner, is
+    # told MOVED, and follows.
+    await cluster.move(slot, owner, 1 - owner)
+    await limiter.finish(first.reservation, 40)
+    second = await limiter.admit(KEY, 10)
+    assert second.allowed and second.reservation is not None
+    await limiter.finish(second.reservation, 10)
+    assert await Books(cluster.nodes[1 - owner]).balanced(50)
+    await limiter.close()

@@ -21,8 +21,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import AskError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.keys import KeyEntry
@@ -98,6 +98,12 @@ class RedisLimiter(Limiter):
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
             return await asyncio.wait_for(script(keys=keys, args=args), self.timeout)
+        except AskError as exc:
+            # MOVED or ASK reach this client only when it takes a Cluster node for one Redis.
+            raise LimiterUnavailable(
+                f"Redis answered {type(exc).__name__} ({exc}): it is a Cluster; "
+                'set ratelimit.redis_mode = "cluster"'
+            ) from None
         except (RedisError, OSError, TimeoutError) as exc:
             raise LimiterUnavailable(f"{type(exc).__name__}: {exc}") from None
 
