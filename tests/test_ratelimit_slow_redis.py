@@ -137,6 +137,20 @@ async def limited_server(
     )
 
 
+async def open_stream(
+    session: aiohttp.ClientSession, server: TestServer, max_tokens: int
+) -> aiohttp.ClientResponse:
+    """A completion stream, admitted and under way."""
+    response = await session.post(
+        server.make_url("/v1/completions"),
+        json={"model": "synthetic", "prompt": "hi", "max_tokens": max_tokens, "stream": True},
+        headers={"Authorization": f"Bearer {SECRET}"},
+    )
+    assert response.status == 200
+    await response.content.readuntil(b"data: ")
+    return response
+
+
 def used_tokens(body: Any) -> int:
     return int(body["usage"]["total_tokens"])
 
@@ -182,15 +196,8 @@ async def test_a_finish_during_client_pause_is_settled_after_it(
     limiter = slow_redis_limiter(redis_server)
     server = await limited_server(serve, short_tmp, limiter, completion_tokens="5000")
     limits = server.app[SERVICE].limits
-    body = {"model": "synthetic", "prompt": "hi", "max_tokens": 5000, "stream": True}
     async with aiohttp.ClientSession() as session:
-        response = await session.post(
-            server.make_url("/v1/completions"),
-            json=body,
-            headers={"Authorization": f"Bearer {SECRET}"},
-        )
-        assert response.status == 200
-        await response.content.readuntil(b"data: ")
+        response = await open_stream(session, server, max_tokens=5000)
         await books.admin.client_pause(600_000, all=False)
         try:
             assert len(await books.leases()) == 1
@@ -242,13 +249,7 @@ async def test_a_stream_outliving_its_lease_keeps_its_slot_across_a_redis_restar
     limiter = slow_redis_limiter(redis_server, lease_seconds=3)
     server = await limited_server(serve, short_tmp, limiter, completion_tokens="8000")
     async with aiohttp.ClientSession() as session:
-        response = await session.post(
-            server.make_url("/v1/completions"),
-            json={"model": "synthetic", "prompt": "hi", "max_tokens": 8000, "stream": True},
-            headers={"Authorization": f"Bearer {SECRET}"},
-        )
-        assert response.status == 200
-        await response.content.readuntil(b"data: ")
+        response = await open_stream(session, server, max_tokens=8000)
         (lease,) = await books.leases()
         first_expiry = await books.admin.zscore("llmserve:rl:{acme}:leases", lease)
         assert first_expiry is not None

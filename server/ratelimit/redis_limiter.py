@@ -2,8 +2,16 @@
 
 Every decision reads Redis's own clock (`TIME`), so replicas with skewed clocks agree. All the
 keys of one API key share a hash tag (`{name}`), so each script touches one Cluster slot.
-Concurrency leases carry an expiry that running requests renew; a server that dies stops
-renewing, and its leases lapse within `lease_seconds`, so a crash never locks a customer out.
+
+Each request gets an id of the server's making, and its admit, its end and its lease renewals
+are scripts keyed by that id (`redis_scripts`): none counts twice, and any order leaves the same
+books. An admit that got no answer (a timeout, an error, a cancelled wait) is settled with a full
+refund, and an end that Redis did not confirm is retried in the background, so a slow or stalled
+Redis leaves no lease and no charge behind a request that is over.
+
+Leases carry an expiry that running requests renew (putting back any a restarted Redis lost); a
+server that dies stops renewing, and its leases lapse within `lease_seconds`, so a crash never
+locks a customer out.
 """
 
 from __future__ import annotations
@@ -202,7 +210,7 @@ class RedisLimiter(Limiter):
     async def _renew_leases(self) -> None:
         while self._held:
             await asyncio.sleep(self.lease_ms / 3000)
-            held = [(name, sorted(grants)) for name, grants in self._held.items()]
+            held = [(name, list(grants)) for name, grants in self._held.items()]
             for start in range(0, len(held), _RENEW_BATCH):
                 results = await asyncio.gather(
                     *(
