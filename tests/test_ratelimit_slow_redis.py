@@ -8,12 +8,14 @@ is charged nothing, even if Redis runs its admit later. The books are read strai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -446,11 +448,22 @@ async def _pings(node: redis.Redis) -> bool:
         return False
 
 
+def _free_ports(count: int) -> list[int]:
+    """Loopback ports free right now, all different (held open together while chosen)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
 class Cluster:
     """Two real redis-server nodes in cluster mode, each serving half of the slots."""
 
     def __init__(self, directory: str) -> None:
-        self.ports = [free_port(), free_port()]
+        # Each node's cluster bus gets a port of its own: the default, port + 10000, may not
+        # exist for an ephemeral port.
+        self.ports, self.buses = _free_ports(2), _free_ports(2)
         binary = shutil.which("redis-server")
         assert binary, "redis-server is missing: scripts/setup --test installs it"
         self.processes = [
@@ -458,11 +471,11 @@ class Cluster:
                 [
                     *(binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory),
                     *("--save", "", "--appendonly", "no", "--cluster-enabled", "yes"),
-                    *("--cluster-config-file", f"nodes-{port}.conf"),
+                    *("--cluster-port", str(bus), "--cluster-config-file", f"nodes-{port}.conf"),
                 ],
                 stdout=subprocess.DEVNULL,
             )
-            for port in self.ports
+            for port, bus in zip(self.ports, self.buses, strict=True)
         ]
         self.nodes = [redis.Redis(port=port) for port in self.ports]
 
@@ -471,7 +484,7 @@ class Cluster:
             assert await eventually(functools.partial(_pings, node))
         await _command(self.nodes[0], "CLUSTER", "ADDSLOTSRANGE", 0, 8191)
         await _command(self.nodes[1], "CLUSTER", "ADDSLOTSRANGE", 8192, 16383)
-        await _command(self.nodes[0], "CLUSTER", "MEET", "127.0.0.1", self.ports[1])
+        await _command(self.nodes[0], "CLUSTER", "MEET", "127.0.0.1", self.ports[1], self.buses[1])
 
         async def formed() -> bool:
             infos = [await _command(node, "CLUSTER", "INFO") for node in self.nodes]
