@@ -31,7 +31,7 @@ from redis.backoff import NoBackoff
 
 from server.app_keys import SERVICE
 from server.keys import KeyEntry, KeyStore, hash_secret
-from server.ratelimit import Limiter, LimiterUnavailable, MemoryLimiter
+from server.ratelimit import Limiter, LimiterUnavailable, MemoryLimiter, redis_limiter
 from server.ratelimit.redis_limiter import RedisLimiter, connect
 from server.ratelimit.redis_scripts import ADMIT, RENEW, SETTLE
 from tests.conftest import RedisServer, ServerFactory, free_port, synthetic_engine
@@ -241,6 +241,26 @@ async def test_an_admit_cancelled_in_flight_is_undone(
         await books.tokens_left(),
     )
     assert (await limiter.admit(KEY, 1)).allowed
+    await limiter.close()
+
+
+async def test_settlements_waiting_for_redis_are_bounded_and_sent_when_it_is_back(
+    redis_server: RedisServer, books: Books, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_limiter, "_MAX_PENDING", 5)
+    limiter = slow_redis_limiter(redis_server)
+    redis_server.stop()
+    for _ in range(8):
+        with pytest.raises(LimiterUnavailable):
+            await limiter.admit(KEY, 10)
+    assert limiter.settlements_dropped == 3
+    redis_server.start()
+
+    # The five kept are sent once Redis is back: each admit that never ran is settled.
+    async def five_settled() -> bool:
+        return await books.admin.zcard("llmserve:rl:{acme}:settled") == 5
+
+    assert await eventually(five_settled)
     await limiter.close()
 
 

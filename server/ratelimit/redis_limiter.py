@@ -219,7 +219,7 @@ class RedisLimiter(Limiter):
                     ),
                     return_exceptions=True,
                 )
-                failed = [r for r in results if isinstance(r, LimiterUnavailable)]
+                failed = [r for r in results if isinstance(r, Exception)]
                 if failed:
                     log.warning("could not renew the leases of %d keys: %s", len(failed), failed[0])
 
