@@ -53,7 +53,9 @@ class Reservation:
 
     key: KeyEntry
     tokens: int
-    lease: str | None = None
+    # The id the limiter knows this request by: its concurrency lease, and in Redis the key to
+    # its books, so that settling them is idempotent.
+    lease: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +112,8 @@ class Limiter(abc.ABC):
     async def finish(self, reservation: Reservation, used_tokens: int) -> None:
         """Refund unused reserved tokens (or charge more) and end the concurrency lease.
 
-        Raises LimiterUnavailable if the shared store cannot be reached."""
+        Raises LimiterUnavailable if the shared store cannot be reached; the limiter still
+        settles the reservation once the store is back."""
 
     @abc.abstractmethod
     async def close(self) -> None:

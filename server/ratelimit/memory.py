@@ -55,9 +55,8 @@ class MemoryLimiter(Limiter):
         after = {name: level - cost[name] for name, level in levels.items()}
         for name, level in after.items():
             self._levels[(key.name, name)] = (level, now)
-        lease = None
+        lease = uuid.uuid4().hex
         if key.concurrency is not None:
-            lease = uuid.uuid4().hex
             leases.add(lease)
         return Decision(
             True, state=bucket_state(buckets, after), reservation=Reservation(key, tokens, lease)
@@ -72,8 +71,7 @@ class MemoryLimiter(Limiter):
                 continue
             level = self._level(key.name, b.name, b.capacity, b.rate_per_second, now)
             self._levels[(key.name, b.name)] = (min(float(b.capacity), level + refund), now)
-        if reservation.lease is not None:
-            self._leases.get(key.name, set()).discard(reservation.lease)
+        self._leases.get(key.name, set()).discard(reservation.lease)
 
     async def close(self) -> None:
         self._levels.clear()

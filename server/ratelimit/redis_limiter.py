@@ -2,15 +2,26 @@
 
 Every decision reads Redis's own clock (`TIME`), so replicas with skewed clocks agree. All the
 keys of one API key share a hash tag (`{name}`), so each script touches one Cluster slot.
-Concurrency leases carry an expiry that running requests renew; a server that dies stops
-renewing, and its leases lapse within `lease_seconds`, so a crash never locks a customer out.
+
+Each request gets an id of the server's making, and its admit, its end and its lease renewals
+are scripts keyed by that id (`redis_scripts`): none counts twice, and any order leaves the same
+books. An admit that got no answer (a timeout, an error, a cancelled wait) is settled with a full
+refund, and an end that Redis did not confirm is retried in the background, so a slow or stalled
+Redis leaves no lease and no charge behind a request that is over.
+
+Leases carry an expiry that running requests renew (putting back any a restarted Redis lost); a
+server that dies stops renewing, and its leases lapse within `lease_seconds`, so a crash never
+locks a customer out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as redis
@@ -18,8 +29,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import AskError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.keys import KeyEntry
@@ -32,87 +43,20 @@ from server.ratelimit.base import (
     buckets_for,
 )
 from server.ratelimit.memory import costs
+from server.ratelimit.redis_scripts import ADMIT, RENEW, SETTLE
 
 __all__ = ["RedisLimiter", "connect"]
 
 log = logging.getLogger("llmserve.ratelimit")
 
-# ARGV: lease ttl ms, concurrency limit (0 = none), lease id, bucket count, then per bucket:
-# name, capacity, window ms, cost. KEYS: the buckets, then the lease set.
-_ADMIT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl, limit, lease, n = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-local levels, caps, rates, costs = {}, {}, {}, {}
-local refused, wait, never = '', -1, ''
-for i = 1, n do
-  local b = 4 + (i - 1) * 4
-  local name, cap, window, cost = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]),
-    tonumber(ARGV[b + 4])
-  local rate = cap / window
-  local saved = redis.call('HMGET', KEYS[i], 'level', 'ts')
-  local level = tonumber(saved[1])
-  if level == nil then
-    level = cap
-  else
-    level = math.min(cap, level + (now - tonumber(saved[2])) * rate)
-  end
-  levels[i], caps[i], rates[i], costs[i] = level, cap, rate, cost
-  if cost > cap then
-    never = name
-  elseif level < cost and (cost - level) / rate > wait then
-    refused, wait = name, (cost - level) / rate
-  end
-end
-local out = {}
-for i = 1, n do out[i] = tostring(levels[i]) end
-if never ~= '' then return {'never', never, '0', unpack(out)} end
-if refused ~= '' then return {'wait', refused, tostring(wait), unpack(out)} end
-local leases = KEYS[n + 1]
-if limit > 0 then
-  redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
-  if redis.call('ZCARD', leases) >= limit then
-    return {'wait', 'concurrency', '1000', unpack(out)}
-  end
-  redis.call('ZADD', leases, now + ttl, lease)
-  redis.call('PEXPIRE', leases, ttl * 2)
-end
-for i = 1, n do
-  local b = 4 + (i - 1) * 4
-  levels[i] = levels[i] - costs[i]
-  out[i] = tostring(levels[i])
-  redis.call('HSET', KEYS[i], 'level', tostring(levels[i]), 'ts', now)
-  redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[b + 3]) + 60000)
-end
-return {'ok', '', '0', unpack(out)}
-"""
-
-# ARGV: lease id, refund, bucket count, then per bucket: capacity, window ms.
-_FINISH = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease, refund, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-for i = 1, n do
-  local cap, window = tonumber(ARGV[2 + i * 2]), tonumber(ARGV[3 + i * 2])
-  local saved = redis.call('HMGET', KEYS[i], 'level', 'ts')
-  local level = tonumber(saved[1])
-  if level ~= nil then
-    level = math.min(cap, level + (now - tonumber(saved[2])) * cap / window + refund)
-    redis.call('HSET', KEYS[i], 'level', tostring(level), 'ts', now)
-  end
-end
-if lease ~= '' then redis.call('ZREM', KEYS[n + 1], lease) end
-return 1
-"""
-
-# ARGV: ttl ms, then lease ids. KEYS[1]: the lease set.
-_RENEW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[i]) end
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 2)
-return 1
-"""
+# A settled id is remembered for this many lease periods (two minutes by default).
+_SETTLED_LEASES = 4
+# Settlements kept for retry while Redis is away; beyond, the oldest are given up.
+_MAX_PENDING = 10_000
+_RETRY_FIRST_SECONDS = 0.05
+_RETRY_LONGEST_SECONDS = 2.0
+# Keys whose leases are renewed at once.
+_RENEW_BATCH = 64
 
 
 def _key(name: str, part: str) -> str:
@@ -135,7 +79,8 @@ def connect(mode: str, url: str, sentinel_master: str | None) -> Any:
         for address in url.removeprefix("sentinel://").split(","):
             host, _, port = address.rpartition(":")
             hosts.append((host, int(port or 26379)))
-        return Sentinel(hosts, **options).master_for(sentinel_master or "mymaster")
+        sentinel = Sentinel(hosts, **options)  # type: ignore[no-untyped-call]
+        return sentinel.master_for(sentinel_master or "mymaster")
     return redis.from_url(url, **options)
 
 
@@ -144,28 +89,46 @@ class RedisLimiter(Limiter):
         self.client = client
         self.timeout = timeout_seconds
         self.lease_ms = int(lease_seconds * 1000)
-        self._admit = client.register_script(_ADMIT)
-        self._finish = client.register_script(_FINISH)
-        self._renew = client.register_script(_RENEW)
-        # key name -> leases held by requests running here, renewed until they end.
+        # A late admit or renewal is void if it arrives within this; one later still holds a
+        # lease nobody renews, which lapses within lease_seconds like a crashed server's.
+        self.settled_ms = self.lease_ms * _SETTLED_LEASES
+        self.settlements_dropped = 0
+        self._admit = client.register_script(ADMIT)
+        self._settle = client.register_script(SETTLE)
+        self._renew = client.register_script(RENEW)
+        # key name -> ids of the requests running here, whose leases are renewed until they end.
         self._held: dict[str, set[str]] = {}
+        # id -> settlement Redis has not confirmed yet, oldest first.
+        self._pending: dict[str, _Settlement] = {}
         self._renewer: asyncio.Task[None] | None = None
+        self._settler: asyncio.Task[None] | None = None
 
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
             return await asyncio.wait_for(script(keys=keys, args=args), self.timeout)
+        except AskError as exc:
+            # MOVED or ASK reach this client only when it takes a Cluster node for one Redis.
+            raise LimiterUnavailable(
+                f"Redis answered {type(exc).__name__} ({exc}): it is a Cluster; "
+                'set ratelimit.redis_mode = "cluster"'
+            ) from None
         except (RedisError, OSError, TimeoutError) as exc:
             raise LimiterUnavailable(f"{type(exc).__name__}: {exc}") from None
 
     async def admit(self, key: KeyEntry, tokens: int) -> Decision:
         buckets = buckets_for(key)
         cost = costs(tokens)
-        lease = uuid.uuid4().hex if key.concurrency is not None else ""
-        args: list[Any] = [self.lease_ms, key.concurrency or 0, lease, len(buckets)]
+        grant = uuid.uuid4().hex
+        args: list[Any] = [self.lease_ms, key.concurrency or 0, grant, len(buckets)]
         for b in buckets:
             args += [b.name, b.capacity, int(b.window_seconds * 1000), cost[b.name]]
-        keys = [_key(key.name, b.name) for b in buckets] + [_key(key.name, "leases")]
-        status, limit, wait_ms, *levels = await self._call(self._admit, keys, args)
+        keys = [_key(key.name, b.name) for b in buckets] + _books(key.name)
+        # Without an answer the request goes on unchecked or is refused, but the admit may yet
+        # run (a stalled Redis runs what it has received) or have run with its answer lost:
+        # settling its id with a full refund undoes it whichever happens.
+        undo = _Settlement(key, grant, {b.name: cost[b.name] for b in buckets})
+        with self._settled_on_failure(undo):
+            status, limit, wait_ms, *levels = await self._call(self._admit, keys, args)
         status, limit = _text(status), _text(limit)
         state = bucket_state(
             buckets, {b.name: float(v) for b, v in zip(buckets, levels, strict=True)}
@@ -175,42 +138,114 @@ class RedisLimiter(Limiter):
             return Decision(False, limit, window, state, never=True)
         if status == "wait":
             return Decision(False, limit, float(wait_ms) / 1000, state)
-        if lease:
-            self._held.setdefault(key.name, set()).add(lease)
-            self._ensure_renewer()
-        return Decision(True, state=state, reservation=Reservation(key, tokens, lease or None))
-
-    async def finish(self, reservation: Reservation, used_tokens: int) -> None:
-        key = reservation.key
-        if reservation.lease is not None:
-            self._held.get(key.name, set()).discard(reservation.lease)
-        buckets = [b for b in buckets_for(key) if b.name != "rpm"]
-        args: list[Any] = [reservation.lease or "", reservation.tokens - used_tokens, len(buckets)]
-        for b in buckets:
-            args += [b.capacity, int(b.window_seconds * 1000)]
-        keys = [_key(key.name, b.name) for b in buckets] + [_key(key.name, "leases")]
-        await self._call(self._finish, keys, args)
-
-    def _ensure_renewer(self) -> None:
+        self._held.setdefault(key.name, set()).add(grant)
         if self._renewer is None or self._renewer.done():
             self._renewer = asyncio.get_running_loop().create_task(self._renew_leases())
+        return Decision(True, state=state, reservation=Reservation(key, tokens, grant))
+
+    async def finish(self, reservation: Reservation, used_tokens: int) -> None:
+        """Settle the request's id; if Redis does not confirm it, retry in the background."""
+        key = reservation.key
+        grants = self._held.get(key.name, set())
+        grants.discard(reservation.lease)
+        if not grants:
+            self._held.pop(key.name, None)
+        refund = reservation.tokens - used_tokens
+        settlement = _Settlement(
+            key, reservation.lease, {b.name: refund for b in buckets_for(key) if b.name != "rpm"}
+        )
+        with self._settled_on_failure(settlement):
+            await self._apply(settlement)
+
+    @contextlib.contextmanager
+    def _settled_on_failure(self, settlement: _Settlement) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            self._settle_later(settlement)
+            raise
+
+    async def _apply(self, settlement: _Settlement) -> None:
+        name, refunds = settlement.key.name, settlement.refunds
+        buckets = [b for b in buckets_for(settlement.key) if b.name in refunds]
+        args: list[Any] = [settlement.grant, self.settled_ms, len(buckets)]
+        for b in buckets:
+            args += [b.capacity, int(b.window_seconds * 1000), refunds[b.name]]
+        keys = [_key(name, b.name) for b in buckets] + _books(name)
+        await self._call(self._settle, keys, args)
+
+    def _settle_later(self, settlement: _Settlement) -> None:
+        if len(self._pending) >= _MAX_PENDING:
+            # Past the bound the oldest is given up: its lease lapses unrenewed, its refund is
+            # lost (the strict side), and a late admit of it would stand.
+            del self._pending[next(iter(self._pending))]
+            self.settlements_dropped += 1
+            if self.settlements_dropped % 1000 == 1:
+                log.warning(
+                    "%d settlements wait for Redis; %d given up so far",
+                    len(self._pending),
+                    self.settlements_dropped,
+                )
+        self._pending[settlement.grant] = settlement
+        if self._settler is None or self._settler.done():
+            self._settler = asyncio.get_running_loop().create_task(self._settle_pending())
+
+    async def _settle_pending(self) -> None:
+        """Retry until Redis confirms each settlement: they are idempotent, so retrying is safe."""
+        pause = _RETRY_FIRST_SECONDS
+        while self._pending:
+            grant, settlement = next(iter(self._pending.items()))
+            try:
+                await self._apply(settlement)
+            except LimiterUnavailable:
+                # To the back of the queue, so one that keeps failing holds up no other.
+                if self._pending.pop(grant, None) is not None:
+                    self._pending[grant] = settlement
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _RETRY_LONGEST_SECONDS)
+                continue
+            self._pending.pop(grant, None)
+            pause = _RETRY_FIRST_SECONDS
 
     async def _renew_leases(self) -> None:
-        while any(self._held.values()):
+        while self._held:
             await asyncio.sleep(self.lease_ms / 3000)
-            for name, leases in list(self._held.items()):
-                if leases:
-                    try:
-                        await self._call(
-                            self._renew, [_key(name, "leases")], [self.lease_ms, *leases]
-                        )
-                    except LimiterUnavailable as exc:
-                        log.warning("could not renew leases of key %s: %s", name, exc)
+            held = [(name, list(grants)) for name, grants in self._held.items()]
+            for start in range(0, len(held), _RENEW_BATCH):
+                results = await asyncio.gather(
+                    *(
+                        self._call(self._renew, _books(name), [self.lease_ms, *grants])
+                        for name, grants in held[start : start + _RENEW_BATCH]
+                    ),
+                    return_exceptions=True,
+                )
+                failed = [r for r in results if isinstance(r, Exception)]
+                if failed:
+                    log.warning("could not renew the leases of %d keys: %s", len(failed), failed[0])
 
     async def close(self) -> None:
         if self._renewer is not None:
             self._renewer.cancel()
+        if self._settler is not None:
+            # A last chance for settlements still waiting; those left lapse with their leases.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._settler), self.timeout * 4)
+            self._settler.cancel()
         await self.client.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class _Settlement:
+    """Closing one request's books: its id, and what each bucket gets back."""
+
+    key: KeyEntry
+    grant: str
+    refunds: dict[str, int]
+
+
+def _books(name: str) -> list[str]:
+    """The running and the settled requests of a key, the last KEYS of every script."""
+    return [_key(name, "leases"), _key(name, "settled")]
 
 
 def _text(value: Any) -> str:

@@ -1,0 +1,121 @@
+"""The Lua scripts of the Redis limiter: each decision is one atomic script, keyed by request.
+
+Per API key, Redis holds one hash per token bucket (`level`, `ts`), a sorted set `leases` of the
+requests admitted and still running (id -> expiry), and a sorted set `settled` of the requests
+whose books are closed (id -> when that can be forgotten). Every request the limiter is asked
+about has a server-made id, so the scripts are idempotent and commute:
+
+- ADMIT charges the buckets and adds the id to `leases`, unless the id is already settled (its
+  request gave up on this admit, which Redis ran late: nothing is charged) or already admitted
+  (a client retry of an admit that ran: not charged twice).
+- SETTLE closes the id: it refunds what it is told to if the id holds a lease, removes the
+  lease, and records the id as settled, so an admit or a renewal arriving afterwards is void.
+  Run twice, or before its admit, it changes nothing more.
+- RENEW pushes the expiry of running requests' leases, and puts back those a restarted Redis
+  lost, but never revives a settled one.
+
+All times are Redis's own clock (`TIME`), in milliseconds.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ADMIT", "RENEW", "SETTLE"]
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: the buckets, then leases, settled. ARGV: lease ttl ms, concurrency limit (0 = none), id,
+# bucket count, then per bucket: name, capacity, window ms, cost.
+# Returns status ('ok', 'wait', 'never' or 'void'), the refusing limit, the wait in ms, and the
+# bucket levels after the decision.
+ADMIT = (
+    _NOW
+    + """
+local ttl, limit, id, n = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local leases, settled = KEYS[n + 1], KEYS[n + 2]
+local closed = tonumber(redis.call('ZSCORE', settled, id))
+if closed and closed > now then return {'void', '', '0'} end
+local levels, costs = {}, {}
+local refused, wait, never = '', -1, ''
+for i = 1, n do
+  local b = 4 + (i - 1) * 4
+  local name, cap, window, cost = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]),
+    tonumber(ARGV[b + 4])
+  local rate = cap / window
+  local saved = redis.call('HMGET', KEYS[i], 'level', 'ts')
+  local level = tonumber(saved[1])
+  if level == nil then
+    level = cap
+  else
+    level = math.min(cap, level + (now - tonumber(saved[2])) * rate)
+  end
+  levels[i], costs[i] = level, cost
+  if cost > cap then
+    never = name
+  elseif level < cost and (cost - level) / rate > wait then
+    refused, wait = name, (cost - level) / rate
+  end
+end
+local out = {}
+for i = 1, n do out[i] = tostring(levels[i]) end
+redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+if redis.call('ZSCORE', leases, id) then return {'ok', '', '0', unpack(out)} end
+if never ~= '' then return {'never', never, '0', unpack(out)} end
+if refused ~= '' then return {'wait', refused, tostring(wait), unpack(out)} end
+if limit > 0 and redis.call('ZCARD', leases) >= limit then
+  return {'wait', 'concurrency', '1000', unpack(out)}
+end
+redis.call('ZADD', leases, now + ttl, id)
+redis.call('PEXPIRE', leases, ttl * 2)
+for i = 1, n do
+  local b = 4 + (i - 1) * 4
+  levels[i] = levels[i] - costs[i]
+  out[i] = tostring(levels[i])
+  redis.call('HSET', KEYS[i], 'level', tostring(levels[i]), 'ts', now)
+  redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[b + 3]) + 60000)
+end
+return {'ok', '', '0', unpack(out)}
+"""
+)
+
+# KEYS: the buckets to refund, then leases, settled. ARGV: id, ms to remember it as settled,
+# bucket count, then per bucket: capacity, window ms, refund (negative: charge more).
+# Returns 1 if the id held a lease (and was refunded), else 0.
+SETTLE = (
+    _NOW
+    + """
+local id, keep, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local leases, settled = KEYS[n + 1], KEYS[n + 2]
+redis.call('ZREMRANGEBYSCORE', settled, '-inf', now)
+redis.call('ZADD', settled, now + keep, id)
+redis.call('PEXPIRE', settled, keep)
+if redis.call('ZREM', leases, id) == 0 then return 0 end
+for i = 1, n do
+  local b = 3 + (i - 1) * 3
+  local cap, window, refund = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+  local saved = redis.call('HMGET', KEYS[i], 'level', 'ts')
+  local level = tonumber(saved[1])
+  if level ~= nil and refund ~= 0 then
+    level = math.min(cap, level + (now - tonumber(saved[2])) * cap / window + refund)
+    redis.call('HSET', KEYS[i], 'level', tostring(level), 'ts', now)
+  end
+end
+return 1
+"""
+)
+
+# KEYS: leases, settled. ARGV: lease ttl ms, then the ids of requests still running.
+RENEW = (
+    _NOW
+    + """
+local ttl = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  local closed = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[i]))
+  if not closed or closed <= now then redis.call('ZADD', KEYS[1], now + ttl, ARGV[i]) end
+end
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+return 1
+"""
+)
