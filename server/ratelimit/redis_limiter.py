@@ -79,7 +79,7 @@ def connect(mode: str, url: str, sentinel_master: str | None) -> Any:
         for address in url.removeprefix("sentinel://").split(","):
             host, _, port = address.rpartition(":")
             hosts.append((host, int(port or 26379)))
-        sentinel = Sentinel(hosts, **options)  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(hosts, **options)
         return sentinel.master_for(sentinel_master or "mymaster")
     return redis.from_url(url, **options)
 
