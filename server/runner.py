@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +29,6 @@ from server.ratelimit.redis_limiter import RedisLimiter, connect
 from server.state_reporter import StateReporter
 from server.supervisor import SidecarSupervisor
 from sidecar.client import EventSender
-from sidecar.jsonlog import close_logging
 from sidecar.systemd_notify import SystemdNotifier
 from sidecar.undelivered import leave_count
 
@@ -56,21 +53,7 @@ class _StoppedWhileLoading(Exception):
     """A stop signal came before the model finished loading."""
 
 
-def _exit_without_the_loader() -> None:
-    """Exit 0 now, leaving the model load's thread behind.
-
-    Python joins executor threads at exit, so a stop during a ten-minute load would otherwise
-    wait for the load (and systemd's TimeoutStopSec would end it with SIGKILL). Everything else
-    is done by now: the socket is closed, events are flushed, the sidecar child stopped.
-    """
-    close_logging()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 async def _serve(config: Config, sidecar_args: Sequence[str]) -> int:
-    abandoned = False
     try:
         keys = _load_keys(config)
         engine = create_engine(config)
@@ -90,14 +73,12 @@ async def _serve(config: Config, sidecar_args: Sequence[str]) -> int:
     try:
         return await _serve_http(config, engine, events, keys, limiter)
     except _StoppedWhileLoading:
-        abandoned = True
+        # The load goes on in its daemon thread (engines load there), which exit does not wait for.
         return 0
     finally:
         await _finish_events(events, supervisor)
         if supervisor is not None:
             await supervisor.stop()
-        if abandoned:
-            _exit_without_the_loader()
 
 
 def _load_keys(config: Config) -> KeyStore | None:
