@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestServer
 from server.engines import create_engine, synthetic
 from server.engines.base import Engine, GenerationRequest, SamplingParams
 from server.engines.llamacpp import LlamaCppEngine
-from server.engines.llamacpp_model import LlamaModel
+from server.engines.llamacpp.model import LlamaModel
 from server.engines.text_output import TextAssembler
 from tests.conftest import ExLlamaV2Factory, ServerFactory, make_config, synthetic_engine
 from tests.exllamav2_double.generator.dynamic import ExLlamaV2DynamicGenerator

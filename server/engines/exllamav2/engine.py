@@ -36,10 +36,10 @@ from server.engines.base import (
     deliver_threadsafe,
     now_ns,
 )
-from server.engines.exllamav2_files import ModelFiles, read_model_files
-from server.engines.exllamav2_jobs import new_job
-from server.engines.exllamav2_library import Library, load_library
-from server.engines.exllamav2_loader import LoadedModel, load_model, max_batch_size
+from server.engines.exllamav2.files import ModelFiles, read_model_files
+from server.engines.exllamav2.jobs import new_job
+from server.engines.exllamav2.library import Library, load_library
+from server.engines.exllamav2.loader import LoadedModel, load_model, max_batch_size
 from server.engines.fault import WorkerFault
 
 __all__ = ["ExLlamaV2Engine"]

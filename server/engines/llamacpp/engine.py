@@ -40,8 +40,8 @@ from server.engines.base import (
     now_ns,
 )
 from server.engines.fault import WorkerFault
-from server.engines.llamacpp_model import ContextShape, LlamaModel
-from server.engines.llamacpp_sampling import TokenSampler
+from server.engines.llamacpp.model import ContextShape, LlamaModel
+from server.engines.llamacpp.sampling import TokenSampler
 from server.engines.text_output import TextAssembler
 
 log = logging.getLogger("llmserve.engine")
