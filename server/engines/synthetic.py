@@ -12,6 +12,7 @@ import zlib
 from collections.abc import Sequence
 
 from server.chat_template import CHATML_TEMPLATE, ChatTemplate
+from server.config import SyntheticSection
 from server.engines.base import (
     Completion,
     Engine,
@@ -33,28 +34,19 @@ VOCAB_SIZE = 50_000
 class SyntheticEngine(Engine):
     kind = "synthetic"
 
-    def __init__(
-        self,
-        *,
-        model_id: str,
-        context_length: int,
-        parallel: int,
-        first_token_seconds: float,
-        token_interval_seconds: float,
-        completion_tokens: int,
-    ) -> None:
+    def __init__(self, settings: SyntheticSection, *, model_id: str | None) -> None:
         self._info = ModelInfo(
-            model_id=model_id,
+            model_id=model_id or "synthetic",
             engine=self.kind,
             source="synthetic (no model: deterministic tokens for load tests)",
-            context_length=context_length,
-            parallel=parallel,
+            context_length=settings.context_length,
+            parallel=settings.parallel,
             description="synthetic load-test engine",
         )
         self._template = ChatTemplate(CHATML_TEMPLATE)
-        self._first_token = first_token_seconds
-        self._interval = token_interval_seconds
-        self._length = completion_tokens
+        self._first_token = settings.first_token_seconds
+        self._interval = settings.token_interval_seconds
+        self._length = settings.completion_tokens
         self._tasks: set[asyncio.Task[None]] = set()
         self._fault = WorkerFault(self.kind)
         self._cancelled_total = 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.chat_template import CHATML_TEMPLATE, ChatTemplate
+from server.config import LlamaCppSection
 from server.engines.base import (
     Completion,
     Engine,
@@ -43,6 +45,7 @@ from server.engines.fault import WorkerFault
 from server.engines.llamacpp.model import ContextShape, LlamaModel
 from server.engines.llamacpp.sampling import TokenSampler
 from server.engines.text_output import TextAssembler
+from server.model_files import ModelNotFound, bundled_gguf
 
 log = logging.getLogger("llmserve.engine")
 
@@ -80,19 +83,18 @@ class _Sequence:
 class LlamaCppEngine(Engine):
     kind = "llamacpp"
 
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        model_id: str | None,
-        context_per_sequence: int,
-        parallel: int,
-        batch_tokens: int,
-        threads: int,
-    ) -> None:
-        self._path = model_path
-        self._model_id = model_id or Path(model_path).stem
-        self._shape = ContextShape(context_per_sequence, parallel, batch_tokens, threads)
+    def __init__(self, settings: LlamaCppSection, *, model_id: str | None) -> None:
+        try:
+            self._path = settings.model_path or str(bundled_gguf())
+        except ModelNotFound as exc:
+            raise EngineError(str(exc)) from None
+        self._model_id = model_id or Path(self._path).stem
+        self._shape = ContextShape(
+            settings.context_per_sequence,
+            settings.parallel,
+            settings.batch_tokens,
+            settings.threads or os.cpu_count() or 1,
+        )
         self._model: LlamaModel | None = None
         self._template: ChatTemplate | None = None
         self._info: ModelInfo | None = None
