@@ -166,12 +166,15 @@ class ExLlamaV2Engine(Engine):
 
     def start(self, request: GenerationRequest) -> GenerationStream:
         require_loaded(self._loaded)
-        if self.failed:
-            return self._ended_by_fault(request)
         holder: list[_Request] = []
         stream = GenerationStream(cancel=lambda: self._submit(("cancel", holder[0])))
         holder.append(_Request(request, stream))
-        self._submit(("start", holder[0]))
+        with self._lock:
+            # A dying worker ends what is queued under this lock, after its fault is recorded:
+            # a request either sees the fault here or is queued in time to be ended.
+            if self.failed:
+                return self._ended_by_fault(request)
+            self._submit(("start", holder[0]))
         return stream
 
     def _submit(self, command: _Command) -> None:
