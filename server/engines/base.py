@@ -71,36 +71,6 @@ class Completion:
     error: str | None = None
 
 
-@dataclass(eq=False, slots=True)
-class Generation:
-    """One request inside an engine: its stream, its counts, and when each phase began (ns)."""
-
-    request: GenerationRequest
-    stream: GenerationStream
-    submitted_ns: int = field(default_factory=time.monotonic_ns)
-    started_ns: int = 0
-    first_token_ns: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-
-    def completion(self, reason: FinishReason, error: str | None = None) -> Completion:
-        """The record that ends its stream, timed by the engine's clock: a phase it never
-        reached took no time."""
-        end = time.monotonic_ns()
-        started = self.started_ns or end
-        first = self.first_token_ns or end
-        return Completion(
-            finish_reason=reason,
-            prompt_tokens=len(self.request.prompt_tokens),
-            completion_tokens=self.completion_tokens,
-            cached_tokens=self.cached_tokens,
-            queue_ns=started - self.submitted_ns,
-            prefill_ns=first - started,
-            decode_ns=end - first,
-            error=error,
-        )
-
-
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
     """What /v1/models and the startup log say about the loaded model."""
@@ -181,6 +151,36 @@ def _deliver_all(items: list[tuple[GenerationStream, TokenDelta | Completion]]) 
 
 def now_ns() -> int:
     return time.monotonic_ns()
+
+
+@dataclass(eq=False, slots=True)
+class Generation:
+    """One request inside an engine: its stream, its counts, and when each phase began (ns)."""
+
+    request: GenerationRequest
+    stream: GenerationStream
+    submitted_ns: int = field(default_factory=now_ns)
+    started_ns: int = 0
+    first_token_ns: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def completion(self, reason: FinishReason, error: str | None = None) -> Completion:
+        """The record that ends its stream, timed by the engine's clock: a phase it never
+        reached took no time."""
+        end = now_ns()
+        started = self.started_ns or end
+        first = self.first_token_ns or end
+        return Completion(
+            finish_reason=reason,
+            prompt_tokens=len(self.request.prompt_tokens),
+            completion_tokens=self.completion_tokens,
+            cached_tokens=self.cached_tokens,
+            queue_ns=started - self.submitted_ns,
+            prefill_ns=first - started,
+            decode_ns=end - first,
+            error=error,
+        )
 
 
 async def in_daemon_thread(work: Callable[[], _T], name: str) -> _T:
