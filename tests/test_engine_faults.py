@@ -18,8 +18,9 @@ from aiohttp.test_utils import TestServer
 
 from server.engines import create_engine, synthetic
 from server.engines.base import Engine, GenerationRequest, SamplingParams
+from server.engines.exllamav2 import engine as exllamav2_engine
 from server.engines.llamacpp import LlamaCppEngine
-from server.engines.llamacpp_model import LlamaModel
+from server.engines.llamacpp.model import LlamaModel
 from server.engines.text_output import TextAssembler
 from tests.conftest import ExLlamaV2Factory, ServerFactory, make_config, synthetic_engine
 from tests.exllamav2_double.generator.dynamic import ExLlamaV2DynamicGenerator
@@ -158,3 +159,36 @@ async def test_an_exllamav2_worker_that_raises_fails_requests_and_readiness(
     await check_requests_fail_then_server_refuses(await serve(engine), engine)
     await check_a_late_start_ends_at_once(engine)
     check_logged_once(caplog, "injected enqueue fault")
+
+
+async def test_an_exllamav2_request_started_as_the_worker_dies_is_ended_not_lost(
+    exllamav2_double: ExLlamaV2Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A request that passed start()'s dead-worker check just before the worker died, and was
+    # queued just after the worker ended everything queued, was never ended: its client waited
+    # forever. The worker is made to die, and to finish ending what it held, in exactly that gap.
+    engine = await exllamav2_double()
+
+    def enqueue(self: ExLlamaV2DynamicGenerator, job: Any) -> Any:
+        raise InjectedFault("injected enqueue fault")
+
+    monkeypatch.setattr(ExLlamaV2DynamicGenerator, "enqueue", enqueue)
+    real_request = exllamav2_engine._Request
+
+    def request_as_the_worker_dies(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(exllamav2_engine, "_Request", real_request)
+        engine.start(GenerationRequest("fatal", [1, 2, 3], SamplingParams(max_tokens=4)))
+        deadline = time.monotonic() + 60
+        while not (engine.failed and engine.active_sequences == 0):
+            assert time.monotonic() < deadline, "the worker did not die"
+            time.sleep(0.01)
+        return real_request(*args, **kwargs)
+
+    monkeypatch.setattr(exllamav2_engine, "_Request", request_as_the_worker_dies)
+    request = GenerationRequest("unlucky", [1, 2, 3], SamplingParams(max_tokens=4))
+    # Unfixed, the stream never ends: a bound far above the instant this takes makes that a failure.
+    async with asyncio.timeout(30), engine.start(request) as stream:
+        assert [delta async for delta in stream] == []
+    assert stream.completion is not None
+    assert stream.completion.finish_reason == "error"
+    assert stream.completion.error == "InjectedFault: injected enqueue fault"

@@ -24,7 +24,7 @@ from tests.exllamav2_double.model_dir import write_model_dir
 LAUNCHERS = {
     "llamacpp": """
 import sys, threading
-from server.engines import llamacpp
+from server.engines.llamacpp import engine as llamacpp
 
 real_model = llamacpp.LlamaModel
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from server.engines.base import SamplingParams
-from server.engines.llamacpp_sampling import TokenSampler
+from server.engines.llamacpp.sampling import TokenSampler
 
 VOCAB = 49_152
 

@@ -1,4 +1,4 @@
-"""The one interface every engine implements, and the records that cross it.
+"""The interface every engine implements, what all engines share, and the records they pass.
 
 The HTTP layer never knows which engine it talks to: it hands over prompt token ids and sampling
 parameters, and reads back an async stream of token deltas that ends in one `Completion` record.
@@ -15,9 +15,10 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import ClassVar, Literal, TypeVar
 
 from server.chat_template import ChatTemplate
+from server.engines.fault import WorkerFault
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 _T = TypeVar("_T")
@@ -152,6 +153,36 @@ def now_ns() -> int:
     return time.monotonic_ns()
 
 
+@dataclass(eq=False, slots=True)
+class Generation:
+    """One request inside an engine: its stream, its counts, and when each phase began (ns)."""
+
+    request: GenerationRequest
+    stream: GenerationStream
+    submitted_ns: int = field(default_factory=now_ns)
+    started_ns: int = 0
+    first_token_ns: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def completion(self, reason: FinishReason, error: str | None = None) -> Completion:
+        """The record that ends its stream, timed by the engine's clock: a phase it never
+        reached took no time."""
+        end = now_ns()
+        started = self.started_ns or end
+        first = self.first_token_ns or end
+        return Completion(
+            finish_reason=reason,
+            prompt_tokens=len(self.request.prompt_tokens),
+            completion_tokens=self.completion_tokens,
+            cached_tokens=self.cached_tokens,
+            queue_ns=started - self.submitted_ns,
+            prefill_ns=first - started,
+            decode_ns=end - first,
+            error=error,
+        )
+
+
 async def in_daemon_thread(work: Callable[[], _T], name: str) -> _T:
     """Run blocking `work` (a model load) on a daemon thread and wait for it.
 
@@ -172,6 +203,13 @@ async def in_daemon_thread(work: Callable[[], _T], name: str) -> _T:
     return await asyncio.wrap_future(future)
 
 
+def require_loaded(part: _T | None) -> _T:
+    """A part of the model (set by `load`), or EngineError while it is not loaded."""
+    if part is None:
+        raise EngineError("the model is not loaded")
+    return part
+
+
 class EngineError(Exception):
     """The engine cannot serve a request; the message is safe to show to the client."""
 
@@ -185,22 +223,40 @@ class RequestTooLarge(EngineError):
 
 
 class Engine(abc.ABC):
-    """A model that turns prompt token ids into a stream of token deltas."""
+    """A model that turns prompt token ids into a stream of token deltas.
 
-    kind: str
+    `create_engine` builds every engine the same way, `EngineClass(settings, model_id=...)`:
+    its own configuration section (the one named after its `kind`) and `engine.model_id`. This
+    base holds what they all share: the model's info and chat template, which exist once `load`
+    set them; the worker fault that ends every request once the worker dies; the cancellation
+    count; and the token-id check.
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(self) -> None:
+        self._info: ModelInfo | None = None
+        self._template: ChatTemplate | None = None
+        self._fault = WorkerFault(self.kind)
+        self._cancelled_total = 0
 
     @property
-    @abc.abstractmethod
-    def info(self) -> ModelInfo: ...
+    def info(self) -> ModelInfo:
+        return require_loaded(self._info)
 
     @property
-    @abc.abstractmethod
-    def chat_template(self) -> ChatTemplate: ...
+    def chat_template(self) -> ChatTemplate:
+        return require_loaded(self._template)
 
     @property
     @abc.abstractmethod
     def parallel(self) -> int:
         """How many sequences it generates at once (known before loading)."""
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to vocab_size - 1; EngineError before the model is loaded."""
 
     @abc.abstractmethod
     async def load(self) -> ModelInfo:
@@ -214,9 +270,12 @@ class Engine(abc.ABC):
     def tokenize(self, text: str, *, add_special: bool) -> list[int]:
         """Prompt text to token ids; thread-safe, so callers may run it off the event loop."""
 
-    @abc.abstractmethod
     def validate_token_ids(self, token_ids: Sequence[int]) -> None:
         """Raise EngineError if any id is outside the vocabulary."""
+        vocab = self.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise EngineError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
 
     @abc.abstractmethod
     def start(self, request: GenerationRequest) -> GenerationStream:
@@ -228,9 +287,9 @@ class Engine(abc.ABC):
         """Sequences the engine is computing right now (for readiness and tests)."""
 
     @property
-    @abc.abstractmethod
     def cancelled_total(self) -> int:
         """Sequences stopped by cancellation since load."""
+        return self._cancelled_total
 
     @property
     def healthy(self) -> bool:
@@ -240,7 +299,13 @@ class Engine(abc.ABC):
     @property
     def failed(self) -> bool:
         """True once the engine's worker has died: nothing more is generated until a restart."""
-        return False
+        return self._fault.message is not None
+
+    def _ended_by_fault(self, request: GenerationRequest) -> GenerationStream:
+        """A stream for `request` that is already over, with the worker's fault as its error."""
+        stream = GenerationStream(cancel=lambda: None)
+        stream.deliver(Generation(request, stream).completion("error", self._fault.message))
+        return stream
 
     def kv_usage(self) -> float:
         """Share of the KV cache in use (0-1); engines without one report 0."""

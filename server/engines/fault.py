@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from server.engines.base import Completion, GenerationRequest, GenerationStream
-
-__all__ = ["WorkerFault"]
+__all__ = ["WorkerFault", "describe"]
 
 log = logging.getLogger("llmserve.engine")
 
@@ -30,7 +28,7 @@ class WorkerFault:
     def record(self, exc: BaseException) -> str:
         """Remember and log the first fault (with its traceback); return the message to use."""
         if self.message is None:
-            self.message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self.message = describe(exc)
             log.critical(
                 "the %s engine's worker died (%s): requests in flight fail, new ones get a 503, "
                 "and /ready stays 503 until the server is restarted",
@@ -40,15 +38,7 @@ class WorkerFault:
             )
         return self.message
 
-    def ended_stream(self, request: GenerationRequest) -> GenerationStream:
-        """A stream for `request` that is already over, with the fault as its error."""
-        stream = GenerationStream(cancel=lambda: None)
-        stream.deliver(
-            Completion(
-                finish_reason="error",
-                prompt_tokens=len(request.prompt_tokens),
-                completion_tokens=0,
-                error=self.message,
-            )
-        )
-        return stream
+
+def describe(exc: BaseException) -> str:
+    """An exception as one line: its type, and its message when it has one."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

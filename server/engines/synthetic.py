@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import Sequence
 
 from server.chat_template import CHATML_TEMPLATE, ChatTemplate
+from server.config import SyntheticSection
 from server.engines.base import (
-    Completion,
     Engine,
-    EngineError,
     FinishReason,
+    Generation,
     GenerationRequest,
     GenerationStream,
     ModelInfo,
     TokenDelta,
     now_ns,
 )
-from server.engines.fault import WorkerFault
 from server.engines.text_output import TextAssembler
 
 _WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
@@ -33,58 +31,36 @@ VOCAB_SIZE = 50_000
 class SyntheticEngine(Engine):
     kind = "synthetic"
 
-    def __init__(
-        self,
-        *,
-        model_id: str,
-        context_length: int,
-        parallel: int,
-        first_token_seconds: float,
-        token_interval_seconds: float,
-        completion_tokens: int,
-    ) -> None:
+    def __init__(self, settings: SyntheticSection, *, model_id: str | None) -> None:
+        super().__init__()
         self._info = ModelInfo(
-            model_id=model_id,
+            model_id=model_id or "synthetic",
             engine=self.kind,
             source="synthetic (no model: deterministic tokens for load tests)",
-            context_length=context_length,
-            parallel=parallel,
+            context_length=settings.context_length,
+            parallel=settings.parallel,
             description="synthetic load-test engine",
         )
         self._template = ChatTemplate(CHATML_TEMPLATE)
-        self._first_token = first_token_seconds
-        self._interval = token_interval_seconds
-        self._length = completion_tokens
+        self._first_token = settings.first_token_seconds
+        self._interval = settings.token_interval_seconds
+        self._length = settings.completion_tokens
         self._tasks: set[asyncio.Task[None]] = set()
-        self._fault = WorkerFault(self.kind)
-        self._cancelled_total = 0
-
-    @property
-    def info(self) -> ModelInfo:
-        return self._info
-
-    @property
-    def chat_template(self) -> ChatTemplate:
-        return self._template
 
     @property
     def parallel(self) -> int:
-        return self._info.parallel
+        return self.info.parallel
 
     @property
-    def failed(self) -> bool:
-        return self._fault.message is not None
+    def vocab_size(self) -> int:
+        return VOCAB_SIZE
 
     @property
     def active_sequences(self) -> int:
         return len(self._tasks)
 
-    @property
-    def cancelled_total(self) -> int:
-        return self._cancelled_total
-
     async def load(self) -> ModelInfo:
-        return self._info
+        return self.info
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -95,14 +71,9 @@ class SyntheticEngine(Engine):
         # One token per whitespace-separated word keeps counts predictable for tests.
         return [zlib.crc32(word.encode()) % VOCAB_SIZE for word in text.split()] or [0]
 
-    def validate_token_ids(self, token_ids: Sequence[int]) -> None:
-        bad = next((t for t in token_ids if not 0 <= t < VOCAB_SIZE), None)
-        if bad is not None:
-            raise EngineError(f"token id {bad} is outside the vocabulary (0..{VOCAB_SIZE - 1})")
-
     def start(self, request: GenerationRequest) -> GenerationStream:
         if self.failed:
-            return self._fault.ended_stream(request)
+            return self._ended_by_fault(request)
         holder: list[asyncio.Task[None]] = []
         stream = GenerationStream(cancel=lambda: _cancel(holder[0]))
         task = asyncio.get_running_loop().create_task(self._generate(request, stream))
@@ -114,19 +85,18 @@ class SyntheticEngine(Engine):
     async def _generate(self, request: GenerationRequest, stream: GenerationStream) -> None:
         loop = asyncio.get_running_loop()
         started = now_ns()
+        generation = Generation(request, stream, submitted_ns=started, started_ns=started)
         begin = loop.time()
         limit = min(self._length, request.params.max_tokens)
         assembler = TextAssembler(request.params.stop)
-        generated = 0
-        first_ns = 0
         reason: FinishReason = "length"
         error = None
         try:
             for i in range(limit):
                 await asyncio.sleep(begin + self._first_token + i * self._interval - loop.time())
                 stamp = now_ns()
-                first_ns = first_ns or stamp
-                generated += 1
+                generation.first_token_ns = generation.first_token_ns or stamp
+                generation.completion_tokens += 1
                 text = assembler.feed(f"{_WORDS[i % len(_WORDS)]} ".encode())
                 if assembler.stopped:
                     reason = "stop"
@@ -148,22 +118,11 @@ class SyntheticEngine(Engine):
             reason, error = "error", self._fault.record(exc)
             for task in self._tasks - {asyncio.current_task()}:
                 task.cancel()
-        end = now_ns()
-        first_ns = first_ns or end
         # Not active any more once the reader can see the result (the done callback runs later).
         current = asyncio.current_task()
         if current is not None:
             self._tasks.discard(current)
-        stream.deliver(
-            Completion(
-                finish_reason=reason,
-                prompt_tokens=len(request.prompt_tokens),
-                completion_tokens=generated,
-                prefill_ns=first_ns - started,
-                decode_ns=end - first_ns,
-                error=error,
-            )
-        )
+        stream.deliver(generation.completion(reason, error))
 
 
 def _cancel(task: asyncio.Task[None]) -> None:

@@ -29,18 +29,20 @@ from server.engines.base import (
     Engine,
     EngineError,
     FinishReason,
+    Generation,
     GenerationRequest,
     GenerationStream,
     ModelInfo,
     TokenDelta,
     deliver_threadsafe,
     now_ns,
+    require_loaded,
 )
-from server.engines.exllamav2_files import ModelFiles, read_model_files
-from server.engines.exllamav2_jobs import new_job
-from server.engines.exllamav2_library import Library, load_library
-from server.engines.exllamav2_loader import LoadedModel, load_model, max_batch_size
-from server.engines.fault import WorkerFault
+from server.engines.exllamav2.files import ModelFiles, read_model_files
+from server.engines.exllamav2.jobs import new_job
+from server.engines.exllamav2.library import Library, load_library
+from server.engines.exllamav2.loader import LoadedModel, load_model, max_batch_size
+from server.engines.fault import describe
 
 __all__ = ["ExLlamaV2Engine"]
 
@@ -52,15 +54,9 @@ _LONGEST_REBUILD_WAIT_SECONDS = 30.0
 
 
 @dataclass(eq=False, slots=True)
-class _Request:
-    request: GenerationRequest
-    stream: GenerationStream
-    submitted_ns: int
+class _Request(Generation):
     job: Any = None
     enqueued_ns: int = 0
-    started_ns: int = 0
-    first_token_ns: int = 0
-    tokens: int = 0
     # Ids of tokens that brought no text yet (special tokens, held text): they go out with the
     # next text, as the llamacpp engine does, so the first delta a server sees carries text.
     unsent_ids: list[int] = field(default_factory=list)
@@ -72,13 +68,12 @@ class ExLlamaV2Engine(Engine):
     def __init__(self, settings: ExLlamaV2Section, *, model_id: str | None) -> None:
         if not settings.model_dir:
             raise EngineError("the exllamav2 engine needs exllamav2.model_dir, a model directory")
+        super().__init__()
         self._library: Library = load_library()
         self._files: ModelFiles = read_model_files(settings.model_dir)
         self._settings = settings
         self._model_id = model_id or Path(settings.model_dir).name
         self._loaded: LoadedModel | None = None
-        self._info: ModelInfo | None = None
-        self._template: ChatTemplate | None = None
         self._stop_pieces: dict[int, str] = {}
         self._lock = threading.Condition()
         self._commands: deque[_Command] = deque()
@@ -86,23 +81,9 @@ class ExLlamaV2Engine(Engine):
         self._closing = False
         self._healthy = True
         self._kv_usage = 0.0
-        self._cancelled_total = 0
         self._worker: threading.Thread | None = None
-        self._fault = WorkerFault(self.kind)
 
     # Engine interface -------------------------------------------------------------------------
-
-    @property
-    def info(self) -> ModelInfo:
-        if self._info is None:
-            raise EngineError("the model is not loaded")
-        return self._info
-
-    @property
-    def chat_template(self) -> ChatTemplate:
-        if self._template is None:
-            raise EngineError("the model is not loaded")
-        return self._template
 
     @property
     def parallel(self) -> int:
@@ -113,22 +94,18 @@ class ExLlamaV2Engine(Engine):
         return max_batch_size(self._settings, self._settings.chunk_tokens)
 
     @property
-    def healthy(self) -> bool:
-        return self._healthy
+    def vocab_size(self) -> int:
+        return int(require_loaded(self._loaded).tokenizer.get_vocab_size())
 
     @property
-    def failed(self) -> bool:
-        return self._fault.message is not None
+    def healthy(self) -> bool:
+        return self._healthy
 
     @property
     def active_sequences(self) -> int:
         with self._lock:
             waiting = sum(1 for kind, _ in self._commands if kind == "start")
             return len(self._jobs) + waiting
-
-    @property
-    def cancelled_total(self) -> int:
-        return self._cancelled_total
 
     def kv_usage(self) -> float:
         return self._kv_usage
@@ -181,26 +158,23 @@ class ExLlamaV2Engine(Engine):
             self._worker = None
 
     def tokenize(self, text: str, *, add_special: bool) -> list[int]:
-        tokenizer = self._require_loaded().tokenizer
+        tokenizer = require_loaded(self._loaded).tokenizer
         bos = self._files.bos_token
         add_bos = add_special and self._files.add_bos and not (bos and text.startswith(bos))
         ids = tokenizer.encode(text, add_bos=add_bos, encode_special_tokens=True)
         return [int(t) for t in ids[0].tolist()]
 
-    def validate_token_ids(self, token_ids: Sequence[int]) -> None:
-        vocab = self._require_loaded().tokenizer.get_vocab_size()
-        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise EngineError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
-
     def start(self, request: GenerationRequest) -> GenerationStream:
-        self._require_loaded()
-        if self.failed:
-            return self._fault.ended_stream(request)
+        require_loaded(self._loaded)
         holder: list[_Request] = []
         stream = GenerationStream(cancel=lambda: self._submit(("cancel", holder[0])))
-        holder.append(_Request(request, stream, now_ns()))
-        self._submit(("start", holder[0]))
+        holder.append(_Request(request, stream))
+        with self._lock:
+            # A dying worker ends what is queued under this lock, after its fault is recorded:
+            # a request either sees the fault here or is queued in time to be ended.
+            if self.failed:
+                return self._ended_by_fault(request)
+            self._submit(("start", holder[0]))
         return stream
 
     def _submit(self, command: _Command) -> None:
@@ -209,11 +183,6 @@ class ExLlamaV2Engine(Engine):
                 raise EngineError("the engine is shutting down")
             self._commands.append(command)
             self._lock.notify()
-
-    def _require_loaded(self) -> LoadedModel:
-        if self._loaded is None:
-            raise EngineError("the model is not loaded")
-        return self._loaded
 
     # worker thread ----------------------------------------------------------------------------
 
@@ -224,7 +193,7 @@ class ExLlamaV2Engine(Engine):
             generator = loaded.new_generator()
         except Exception as exc:
             ready.set_exception(
-                EngineError(f"loading {self._settings.model_dir} failed: {_describe(exc)}")
+                EngineError(f"loading {self._settings.model_dir} failed: {describe(exc)}")
             )
             return
         ready.set_result(loaded)
@@ -301,7 +270,7 @@ class ExLlamaV2Engine(Engine):
         except (AssertionError, ValueError) as exc:
             # enqueue() asserts that the job's pages fit in the cache; check_fits refuses such
             # requests with a 400 first, so this is a safety net, not a crash.
-            out.append((item.stream, _completion(item, "error", _describe(exc))))
+            out.append((item.stream, item.completion("error", describe(exc))))
             return
         item.job = job
         item.enqueued_ns = now_ns()
@@ -312,7 +281,7 @@ class ExLlamaV2Engine(Engine):
             return  # finished (or failed) before the cancel arrived: nothing to do
         generator.cancel(item.job)
         self._cancelled_total += 1
-        out.append((item.stream, _completion(item, "cancelled")))
+        out.append((item.stream, item.completion("cancelled")))
 
     def _translate(self, results: list[dict[str, Any]], stamp: int, out: _Delivery) -> None:
         for result in results:
@@ -328,7 +297,7 @@ class ExLlamaV2Engine(Engine):
                 text, ids = self._released_at_stop_token(result, text, ids)
             if text or ids:
                 item.first_token_ns = item.first_token_ns or stamp
-                item.tokens += len(ids)
+                item.completion_tokens += len(ids)
                 item.unsent_ids += ids
             if text or (result["eos"] and item.unsent_ids):
                 out.append((item.stream, TokenDelta(text, tuple(item.unsent_ids), stamp)))
@@ -356,14 +325,14 @@ class ExLlamaV2Engine(Engine):
     def _rebuild(self, loaded: LoadedModel, broken: Any, exc: Exception) -> Any:
         """Fail what the broken generator held, then build a new one over the same model."""
         self._healthy = False
-        message = _describe(exc)
+        message = describe(exc)
         log.error(
             "ExLlamaV2 generator failed (%s); failing %d requests and rebuilding it",
             message,
             len(self._jobs),
         )
         deliver_threadsafe(
-            [(item.stream, _completion(item, "error", message)) for item in self._jobs.values()]
+            [(item.stream, item.completion("error", message)) for item in self._jobs.values()]
         )
         self._jobs.clear()
         _discard(broken)
@@ -373,7 +342,7 @@ class ExLlamaV2Engine(Engine):
                 generator = loaded.new_generator()
                 break
             except Exception as again:
-                log.error("rebuilding the generator failed (%s); retrying", _describe(again))
+                log.error("rebuilding the generator failed (%s); retrying", describe(again))
                 with self._lock:
                     if self._lock.wait_for(lambda: self._closing, wait):
                         return None
@@ -389,7 +358,7 @@ class ExLlamaV2Engine(Engine):
             self._commands.clear()
         items = [*self._jobs.values(), *waiting]
         self._jobs.clear()
-        deliver_threadsafe([(item.stream, _completion(item, reason, error)) for item in items])
+        deliver_threadsafe([(item.stream, item.completion(reason, error)) for item in items])
 
 
 def _token_ids(tensor: Any) -> tuple[int, ...]:
@@ -411,7 +380,7 @@ def _finished(item: _Request, result: dict[str, Any]) -> Completion:
     return Completion(
         finish_reason=reason,
         prompt_tokens=int(result["prompt_tokens"]),
-        completion_tokens=item.tokens,
+        completion_tokens=item.completion_tokens,
         cached_tokens=int(result["cached_tokens"]),
         # The wait for the worker to pick the request up, plus the generator's own queue.
         queue_ns=item.enqueued_ns - item.submitted_ns + _ns(result["time_enqueued"]),
@@ -420,28 +389,8 @@ def _finished(item: _Request, result: dict[str, Any]) -> Completion:
     )
 
 
-def _completion(item: _Request, reason: FinishReason, error: str | None = None) -> Completion:
-    """For a job with no last result (cancelled, failed): timings from our own clock."""
-    end = now_ns()
-    started = item.started_ns or end
-    first = item.first_token_ns or end
-    return Completion(
-        finish_reason=reason,
-        prompt_tokens=len(item.request.prompt_tokens),
-        completion_tokens=item.tokens,
-        queue_ns=started - item.submitted_ns,
-        prefill_ns=first - started,
-        decode_ns=end - first,
-        error=error,
-    )
-
-
 def _ns(seconds: float) -> int:
     return max(int(seconds * 1e9), 0)
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _discard(generator: Any) -> None:

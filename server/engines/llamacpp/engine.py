@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -25,11 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.chat_template import CHATML_TEMPLATE, ChatTemplate
+from server.config import LlamaCppSection
 from server.engines.base import (
     Completion,
     Engine,
     EngineError,
     FinishReason,
+    Generation,
     GenerationRequest,
     GenerationStream,
     ModelInfo,
@@ -38,35 +41,29 @@ from server.engines.base import (
     deliver_threadsafe,
     in_daemon_thread,
     now_ns,
+    require_loaded,
 )
-from server.engines.fault import WorkerFault
-from server.engines.llamacpp_model import ContextShape, LlamaModel
-from server.engines.llamacpp_sampling import TokenSampler
+from server.engines.llamacpp.model import ContextShape, LlamaModel
+from server.engines.llamacpp.sampling import TokenSampler
 from server.engines.text_output import TextAssembler
+from server.model_files import ModelNotFound, bundled_gguf
 
 log = logging.getLogger("llmserve.engine")
 
 _Delivery = list[tuple[GenerationStream, TokenDelta | Completion]]
 
 
-@dataclass(eq=False, slots=True)
-class _Sequence:
-    request: GenerationRequest
-    stream: GenerationStream
-    submitted_ns: int
+@dataclass(eq=False, slots=True, kw_only=True)
+class _Sequence(Generation):
     assembler: TextAssembler
     sampler: TokenSampler
     slot: int = -1
     prefilled: int = 0
-    generated: int = 0
     last_token: int = -1
-    started_ns: int = 0
-    first_token_ns: int = 0
     cancel_requested: bool = False
     pending_ids: list[int] = field(default_factory=list)
     # Every token fed to llama_decode for this sequence, in position order: what its KV holds.
     kv_tokens: list[int] = field(default_factory=list)
-    cached: int = 0
 
     @property
     def prompt(self) -> Sequence[int]:
@@ -80,22 +77,20 @@ class _Sequence:
 class LlamaCppEngine(Engine):
     kind = "llamacpp"
 
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        model_id: str | None,
-        context_per_sequence: int,
-        parallel: int,
-        batch_tokens: int,
-        threads: int,
-    ) -> None:
-        self._path = model_path
-        self._model_id = model_id or Path(model_path).stem
-        self._shape = ContextShape(context_per_sequence, parallel, batch_tokens, threads)
+    def __init__(self, settings: LlamaCppSection, *, model_id: str | None) -> None:
+        super().__init__()
+        try:
+            self._path = settings.model_path or str(bundled_gguf())
+        except ModelNotFound as exc:
+            raise EngineError(str(exc)) from None
+        self._model_id = model_id or Path(self._path).stem
+        self._shape = ContextShape(
+            settings.context_per_sequence,
+            settings.parallel,
+            settings.batch_tokens,
+            settings.threads or os.cpu_count() or 1,
+        )
         self._model: LlamaModel | None = None
-        self._template: ChatTemplate | None = None
-        self._info: ModelInfo | None = None
         self._add_bos = False
         self._bos_text = ""
         self._control_texts: list[str] = []
@@ -106,43 +101,25 @@ class LlamaCppEngine(Engine):
         self._slot_tokens: dict[int, list[int]] = {}
         self._closing = False
         self._worker: threading.Thread | None = None
-        self._fault = WorkerFault(self.kind)
-        self._cancelled_total = 0
 
     # Engine interface -------------------------------------------------------------------------
-
-    @property
-    def info(self) -> ModelInfo:
-        if self._info is None:
-            raise EngineError("the model is not loaded")
-        return self._info
-
-    @property
-    def chat_template(self) -> ChatTemplate:
-        if self._template is None:
-            raise EngineError("the model is not loaded")
-        return self._template
 
     @property
     def parallel(self) -> int:
         return self._shape.parallel
 
     @property
-    def failed(self) -> bool:
-        return self._fault.message is not None
+    def vocab_size(self) -> int:
+        return require_loaded(self._model).n_vocab
 
     @property
     def active_sequences(self) -> int:
         with self._lock:
             return len(self._active) + len(self._pending)
 
-    @property
-    def cancelled_total(self) -> int:
-        return self._cancelled_total
-
     def kv_usage(self) -> float:
         with self._lock:
-            used = sum(seq.prefilled + seq.generated for seq in self._active)
+            used = sum(seq.prefilled + seq.completion_tokens for seq in self._active)
         return used / (self._shape.parallel * self._shape.context_per_sequence)
 
     async def load(self) -> ModelInfo:
@@ -208,7 +185,7 @@ class LlamaCppEngine(Engine):
             self._model = None
 
     def tokenize(self, text: str, *, add_special: bool) -> list[int]:
-        model = self._require_model()
+        model = require_loaded(self._model)
         # llama.cpp's tokenizer is quadratic in the number of control tokens in the text; each
         # becomes one token, so more than the context holds can be refused by counting.
         specials = sum(text.count(s) for s in self._control_texts)
@@ -221,24 +198,20 @@ class LlamaCppEngine(Engine):
         add_bos = add_special and self._add_bos and not text.startswith(self._bos_text or "\0")
         return model.tokenize(text, add_special=add_bos)
 
-    def validate_token_ids(self, token_ids: Sequence[int]) -> None:
-        n_vocab = self._require_model().n_vocab
-        bad = next((t for t in token_ids if not 0 <= t < n_vocab), None)
-        if bad is not None:
-            raise EngineError(f"token id {bad} is outside the vocabulary (0..{n_vocab - 1})")
-
     def start(self, request: GenerationRequest) -> GenerationStream:
-        self._require_model()
+        require_loaded(self._model)
         holder: list[_Sequence] = []
         stream = GenerationStream(cancel=lambda: self._cancel(holder[0]))
         params = request.params
-        seq = _Sequence(request, stream, now_ns(), TextAssembler(params.stop), TokenSampler(params))
+        seq = _Sequence(
+            request, stream, assembler=TextAssembler(params.stop), sampler=TokenSampler(params)
+        )
         holder.append(seq)
         with self._lock:
             if self._closing:
                 raise EngineError("the engine is shutting down")
             if self.failed:
-                return self._fault.ended_stream(request)
+                return self._ended_by_fault(request)
             self._pending.append(seq)
             self._lock.notify()
         return stream
@@ -248,15 +221,10 @@ class LlamaCppEngine(Engine):
             seq.cancel_requested = True
             self._lock.notify()
 
-    def _require_model(self) -> LlamaModel:
-        if self._model is None:
-            raise EngineError("the model is not loaded")
-        return self._model
-
     # worker thread ----------------------------------------------------------------------------
 
     def _run(self) -> None:
-        model = self._require_model()
+        model = require_loaded(self._model)
         reason: FinishReason = "cancelled"
         error = None
         try:
@@ -289,7 +257,7 @@ class LlamaCppEngine(Engine):
             seq = self._pending.popleft()
             if seq.cancel_requested:
                 self._cancelled_total += 1
-                out.append((seq.stream, self._completion(seq, "cancelled")))
+                out.append((seq.stream, seq.completion("cancelled")))
                 continue
             self._take_slot(model, seq)
             seq.started_ns = now_ns()
@@ -309,7 +277,7 @@ class LlamaCppEngine(Engine):
         # The last prompt token is always read again: its logits give the first new token.
         shared = min(shared, len(prompt) - 1)
         if shared > 0 and model.forget_sequence_from(best, shared):
-            seq.prefilled = seq.cached = shared
+            seq.prefilled = seq.cached_tokens = shared
             seq.kv_tokens = list(prompt[:shared])
         else:
             model.forget_sequence(best)
@@ -320,7 +288,7 @@ class LlamaCppEngine(Engine):
         sampling: list[tuple[_Sequence, int]] = []
         for seq in self._active:
             if not seq.in_prefill:
-                position = len(seq.prompt) + seq.generated - 1
+                position = len(seq.prompt) + seq.completion_tokens - 1
                 sampling.append((seq, len(rows)))
                 rows.append((seq.last_token, position, seq.slot, True))
                 seq.kv_tokens.append(seq.last_token)
@@ -351,19 +319,19 @@ class LlamaCppEngine(Engine):
     def _advance(
         self, model: LlamaModel, seq: _Sequence, token: int, stamp: int, out: _Delivery
     ) -> None:
-        if seq.generated == 0:
+        if seq.completion_tokens == 0:
             seq.first_token_ns = stamp
         if model.is_end_of_generation(token) and not seq.request.params.ignore_eos:
             self._finish(model, seq, "stop", out)
             return
-        seq.generated += 1
+        seq.completion_tokens += 1
         seq.last_token = token
         seq.pending_ids.append(token)
         text = seq.assembler.feed(model.piece(token))
         if seq.assembler.stopped:
             self._emit(seq, text, stamp, out)
             self._finish(model, seq, "stop", out)
-        elif seq.generated >= seq.request.params.max_tokens:
+        elif seq.completion_tokens >= seq.request.params.max_tokens:
             self._emit(seq, text + seq.assembler.flush(), stamp, out)
             self._finish(model, seq, "length", out)
         elif text:
@@ -392,7 +360,7 @@ class LlamaCppEngine(Engine):
         if error is None:
             self._slot_tokens[seq.slot] = seq.kv_tokens
         self._free_slots.append(seq.slot)
-        out.append((seq.stream, self._completion(seq, reason, error)))
+        out.append((seq.stream, seq.completion(reason, error)))
 
     def _fail_active(self, model: LlamaModel, message: str, out: _Delivery) -> None:
         log.error("%s; failing %d active sequences", message, len(self._active))
@@ -410,24 +378,8 @@ class LlamaCppEngine(Engine):
                     self._finish(model, seq, reason, out, error)
             while self._pending:
                 seq = self._pending.popleft()
-                out.append((seq.stream, self._completion(seq, reason, error)))
+                out.append((seq.stream, seq.completion(reason, error)))
         deliver_threadsafe(out)
-
-    @staticmethod
-    def _completion(seq: _Sequence, reason: FinishReason, error: str | None = None) -> Completion:
-        end = now_ns()
-        started = seq.started_ns or end
-        first = seq.first_token_ns or end
-        return Completion(
-            finish_reason=reason,
-            prompt_tokens=len(seq.prompt),
-            completion_tokens=seq.generated,
-            cached_tokens=seq.cached,
-            queue_ns=started - seq.submitted_ns,
-            prefill_ns=first - started,
-            decode_ns=end - first,
-            error=error,
-        )
 
 
 def _common_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:

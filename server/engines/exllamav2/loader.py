@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.config import ExLlamaV2Section
-from server.engines.exllamav2_library import Library
+from server.engines.exllamav2.library import Library
 
 __all__ = ["PAGE_TOKENS", "LoadedModel", "load_model", "max_batch_size"]
 
