@@ -41,8 +41,8 @@ from server.ratelimit.base import (
     Reservation,
     bucket_state,
     buckets_for,
+    refunds,
 )
-from server.ratelimit.memory import costs
 from server.ratelimit.redis_scripts import ADMIT, RENEW, SETTLE
 
 __all__ = ["RedisLimiter", "connect"]
@@ -117,16 +117,16 @@ class RedisLimiter(Limiter):
 
     async def admit(self, key: KeyEntry, tokens: int) -> Decision:
         buckets = buckets_for(key)
-        cost = costs(tokens)
+        cost = {b.name: b.cost(tokens) for b in buckets}
         grant = uuid.uuid4().hex
-        args: list[Any] = [self.lease_ms, key.concurrency or 0, grant, len(buckets)]
+        args: list[Any] = [self.lease_ms, key.limit("concurrency") or 0, grant, len(buckets)]
         for b in buckets:
             args += [b.name, b.capacity, int(b.window_seconds * 1000), cost[b.name]]
         keys = [_key(key.name, b.name) for b in buckets] + _books(key.name)
         # Without an answer the request goes on unchecked or is refused, but the admit may yet
         # run (a stalled Redis runs what it has received) or have run with its answer lost:
         # settling its id with a full refund undoes it whichever happens.
-        undo = _Settlement(key, grant, {b.name: cost[b.name] for b in buckets})
+        undo = _Settlement(key, grant, cost)
         with self._settled_on_failure(undo):
             status, limit, wait_ms, *levels = await self._call(self._admit, keys, args)
         status, limit = _text(status), _text(limit)
@@ -143,17 +143,19 @@ class RedisLimiter(Limiter):
             self._renewer = asyncio.get_running_loop().create_task(self._renew_leases())
         return Decision(True, state=state, reservation=Reservation(key, tokens, grant))
 
-    async def finish(self, reservation: Reservation, used_tokens: int) -> None:
+    async def finish(
+        self, reservation: Reservation, used_tokens: int, *, requests_back: bool = False
+    ) -> None:
         """Settle the request's id; if Redis does not confirm it, retry in the background."""
         key = reservation.key
         grants = self._held.get(key.name, set())
         grants.discard(reservation.lease)
         if not grants:
             self._held.pop(key.name, None)
-        refund = reservation.tokens - used_tokens
-        settlement = _Settlement(
-            key, reservation.lease, {b.name: refund for b in buckets_for(key) if b.name != "rpm"}
+        back = refunds(
+            buckets_for(key), reservation.tokens, used_tokens, requests_back=requests_back
         )
+        settlement = _Settlement(key, reservation.lease, back)
         with self._settled_on_failure(settlement):
             await self._apply(settlement)
 
