@@ -192,6 +192,23 @@ async def test_requests_per_day_hold_beside_requests_per_minute(
     assert 8 * 3600 - 60 <= int(headers["retry-after"]) <= 8 * 3600
 
 
+async def test_a_token_limit_does_not_take_a_place_of_the_concurrency_limit(
+    serve: ServerFactory, short_tmp: str, limiter_factory: Callable[[], Limiter]
+):
+    server = await limited_server(serve, short_tmp, limiter_factory(), concurrency=2, tpm=100_000)
+    body = {"model": "synthetic", "prompt": "hi", "max_tokens": 30, "stream": True}
+    headers = {"Authorization": f"Bearer {SECRET}"}
+    async with aiohttp.ClientSession() as session:
+        # The first stream holds its place and its tokens while the second asks for both.
+        async with session.post(
+            server.make_url("/v1/completions"), json=body, headers=headers
+        ) as first:
+            assert first.status == 200
+            await first.content.readuntil(b'"text":"lorem')
+            assert (await post(server))[0] == 200
+            await first.read()
+
+
 async def test_leases_of_a_dead_server_lapse(redis_server: RedisServer):
     key = KeyEntry(name="acme", sha256=hash_secret(SECRET), concurrency=1)
     crashed = redis_limiter(redis_server, lease_seconds=3)

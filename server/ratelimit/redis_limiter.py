@@ -96,8 +96,9 @@ class RedisLimiter(Limiter):
         self._admit = client.register_script(ADMIT)
         self._settle = client.register_script(SETTLE)
         self._renew = client.register_script(RENEW)
-        # key name -> ids of the requests running here, whose leases are renewed until they end.
-        self._held: dict[str, set[str]] = {}
+        # key name -> id of each grant running here -> whether it holds a place under the key's
+        # concurrency limit; their expiry is renewed until they end.
+        self._held: dict[str, dict[str, bool]] = {}
         # id -> settlement Redis has not confirmed yet, oldest first.
         self._pending: dict[str, _Settlement] = {}
         self._renewer: asyncio.Task[None] | None = None
@@ -138,7 +139,7 @@ class RedisLimiter(Limiter):
             return Decision(False, limit, window, state, never=True)
         if status == "wait":
             return Decision(False, limit, float(wait_ms) / 1000, state)
-        self._held.setdefault(key.name, set()).add(grant)
+        self._held.setdefault(key.name, {})[grant] = key.limit("concurrency") is not None
         if self._renewer is None or self._renewer.done():
             self._renewer = asyncio.get_running_loop().create_task(self._renew_leases())
         return Decision(True, state=state, reservation=Reservation(key, tokens, grant))
@@ -148,8 +149,8 @@ class RedisLimiter(Limiter):
     ) -> None:
         """Settle the request's id; if Redis does not confirm it, retry in the background."""
         key = reservation.key
-        grants = self._held.get(key.name, set())
-        grants.discard(reservation.lease)
+        grants = self._held.get(key.name, {})
+        grants.pop(reservation.lease, None)
         if not grants:
             self._held.pop(key.name, None)
         back = refunds(
@@ -212,7 +213,10 @@ class RedisLimiter(Limiter):
     async def _renew_leases(self) -> None:
         while self._held:
             await asyncio.sleep(self.lease_ms / 3000)
-            held = [(name, list(grants)) for name, grants in self._held.items()]
+            held = [
+                (name, [x for grant, place in grants.items() for x in (grant, int(place))])
+                for name, grants in self._held.items()
+            ]
             for start in range(0, len(held), _RENEW_BATCH):
                 results = await asyncio.gather(
                     *(
@@ -246,8 +250,9 @@ class _Settlement:
 
 
 def _books(name: str) -> list[str]:
-    """The running and the settled requests of a key, the last KEYS of every script."""
-    return [_key(name, "leases"), _key(name, "settled")]
+    """The running (holding a place or not) and the settled ids of a key, the last KEYS of
+    every script."""
+    return [_key(name, "leases"), _key(name, "open"), _key(name, "settled")]
 
 
 def _text(value: Any) -> str:
