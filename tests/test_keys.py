@@ -46,7 +46,7 @@ def test_create_list_set_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 def test_every_kind_of_limit_is_a_flag_and_a_field_of_the_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
-):
+) -> None:
     path = tmp_path / "keys.toml"
     flags = [arg for n, k in enumerate(KINDS, start=2) for arg in (f"--{k.name}", str(n))]
     keys(path, "create", "acme", *flags, capsys=capsys)
@@ -59,7 +59,9 @@ def test_every_kind_of_limit_is_a_flag_and_a_field_of_the_file(
     assert all(f"{name} {limit}" in listed for name, limit in expected.items())
 
 
-def test_requests_per_day_in_the_keys_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_requests_per_day_in_the_keys_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "keys.toml"
     keys(path, "create", "acme", "--rpd", "500", capsys=capsys)
     assert "rpd = 500" in path.read_text()
@@ -73,7 +75,7 @@ def test_requests_per_day_in_the_keys_file(tmp_path: Path, capsys: pytest.Captur
 
 
 @pytest.mark.parametrize("field", ["limits = { rpm = 5 }", "rpx = 5", 'rpm = "many"', "tpd = -1"])
-def test_a_limit_that_is_no_kind_or_no_number_is_refused(tmp_path: Path, field: str):
+def test_a_limit_that_is_no_kind_or_no_number_is_refused(tmp_path: Path, field: str) -> None:
     path = tmp_path / "keys.toml"
     path.write_text(f'[keys.acme]\nsha256 = "{"0" * 64}"\n{field}\n')
     path.chmod(0o600)

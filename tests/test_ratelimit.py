@@ -175,7 +175,7 @@ async def test_concurrency_limit_refuses_the_third_stream(
 
 async def test_requests_per_day_hold_beside_requests_per_minute(
     serve: ServerFactory, short_tmp: str, limiter_factory: Callable[[], Limiter]
-):
+) -> None:
     server = await limited_server(serve, short_tmp, limiter_factory(), rpm=60, rpd=3)
     results = [await post(server) for _ in range(4)]
     assert [status for status, _, _ in results] == [200, 200, 200, 429]
@@ -194,7 +194,7 @@ async def test_requests_per_day_hold_beside_requests_per_minute(
 
 async def test_a_token_limit_does_not_take_a_place_of_the_concurrency_limit(
     serve: ServerFactory, short_tmp: str, limiter_factory: Callable[[], Limiter]
-):
+) -> None:
     server = await limited_server(serve, short_tmp, limiter_factory(), concurrency=2, tpm=100_000)
     body = {"model": "synthetic", "prompt": "hi", "max_tokens": 30, "stream": True}
     headers = {"Authorization": f"Bearer {SECRET}"}

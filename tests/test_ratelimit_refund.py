@@ -36,16 +36,18 @@ async def one_slot_server(
     serve: ServerFactory,
     directory: str,
     limiter: Limiter,
+    limits: dict[str, int],
     settings: dict[str, str] | None = None,
-    **limits: int,
 ) -> TestServer:
     """One generation at a time, a short queue wait; `acme` has `limits`, `blocker` none."""
     path = Path(directory) / "keys.toml"
     write_keys(
         path,
         {
-            "acme": KeyEntry(name="acme", sha256=hash_secret(SECRETS["acme"]), **limits),
-            "blocker": KeyEntry(name="blocker", sha256=hash_secret(SECRETS["blocker"])),
+            name: KeyEntry.model_validate(
+                {"name": name, "sha256": hash_secret(secret), **(limits if name == "acme" else {})}
+            )
+            for name, secret in SECRETS.items()
         },
     )
     engine = synthetic_engine(
@@ -76,7 +78,7 @@ async def post(session: aiohttp.ClientSession, server: TestServer, key: str) -> 
 async def test_requests_that_time_out_in_the_queue_are_given_back(
     serve: ServerFactory, short_tmp: str, limiter_factory: Callable[[], Limiter], limit: str
 ) -> None:
-    server = await one_slot_server(serve, short_tmp, limiter_factory(), **{limit: 2})
+    server = await one_slot_server(serve, short_tmp, limiter_factory(), {limit: 2})
     body = {"model": "synthetic", "prompt": "hi", "max_tokens": 5000, "stream": True}
     headers = {"Authorization": f"Bearer {SECRETS['blocker']}"}
     async with aiohttp.ClientSession() as session:
@@ -108,9 +110,8 @@ async def test_a_fail_closed_token_check_gives_the_request_back(
         serve,
         short_tmp,
         TokenStageOutage(),
+        {"rpm": 1, "tpm": 1000},
         settings={"ratelimit.failure_policy": "fail_closed"},
-        rpm=1,
-        tpm=1000,
     )
     async with aiohttp.ClientSession() as session:
         for _ in range(3):
@@ -127,7 +128,9 @@ async def test_a_request_given_back_twice_comes_back_once(
     limiter_factory: Callable[[], Limiter],
 ) -> None:
     limiter = limiter_factory()
-    key = KeyEntry(name="acme", sha256=hash_secret(SECRETS["acme"]), rpm=2, rpd=100)
+    key = KeyEntry.model_validate(
+        {"name": "acme", "sha256": hash_secret(SECRETS["acme"]), "rpm": 2, "rpd": 100}
+    )
     first, second = [await limiter.admit(key, 0) for _ in "ab"]
     assert first.allowed and second.allowed and first.reservation is not None
     for _ in "ab":
