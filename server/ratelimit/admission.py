@@ -40,17 +40,15 @@ class KeyAdmission:
     async def admit_tokens(self, key: KeyEntry, tokens: int, request_id: str) -> Decision | None:
         """Reserve a tokenized request's prompt and max_tokens against the key's token limits
         (None: the key has none). A request larger than a whole bucket is refused for good."""
-        budget = self.token_budget(key)
-        if budget is None:
+        part = _counted_in(key, "tokens")
+        if not part.limits:
             return None
-        if tokens > budget:
-            limit = next(
-                name for name, n in _counted_in(key, "tokens").limits.items() if n == budget
-            )
-            self._emit(key, request_id, limit, allowed=False, backend_error=False, state={})
-            raise _never(key, tokens, limit)
+        smallest = min(part.limits, key=part.limits.__getitem__)
+        if tokens > part.limits[smallest]:
+            self._emit(key, request_id, smallest, allowed=False, backend_error=False, state={})
+            raise _never(key, tokens, smallest)
         # Requests and leases were charged by admit_request: only the token buckets here.
-        return await self._admit(_counted_in(key, "tokens"), key, tokens, request_id)
+        return await self._admit(part, key, tokens, request_id)
 
     @staticmethod
     def token_budget(key: KeyEntry) -> int | None:
