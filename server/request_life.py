@@ -89,11 +89,13 @@ class RequestLife:
                 cancel_reason=outcome.cancel_reason,
             )
         finally:
+            # Whatever failed above, nothing the request took stays taken (a no-op if done).
+            self.release()
             self._state.leave()
 
     async def admit(self, key: KeyEntry) -> None:
         """What can be refused before the body is read: draining, a full queue, the key's
-        requests per minute and requests at once. Nothing here costs the server any work."""
+        limits counted in requests. Nothing here costs the server any work."""
         self.key = key
         self.telemetry.key = key.name
         self._state.check_accepting()

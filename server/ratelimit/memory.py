@@ -89,11 +89,7 @@ class MemoryLimiter(Limiter):
                     min(float(b.capacity), level + back[b.name]),
                     now,
                 )
-        leases = self._leases.get(key.name)
-        if leases is not None:
-            leases.discard(reservation.lease)
-            if not leases:
-                del self._leases[key.name]
+        self._leases.get(key.name, set()).discard(reservation.lease)
 
     async def close(self) -> None:
         self._levels.clear()
