@@ -18,16 +18,26 @@ import stat
 import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
+
+from server.ratelimit.kinds import KINDS
 
 __all__ = ["KeyEntry", "KeyFileError", "KeyStore", "hash_secret", "new_secret"]
 
 log = logging.getLogger("llmserve.keys")
 
-Limit = Annotated[int, Field(ge=1)] | None
+Limit = Annotated[int, Field(ge=1)]
 _HEADER = (
     "# llmserve API keys: names, SHA-256 hashes of the secrets, models and limits.\n"
     "# The secrets were shown once, when each key was created. Keep this file mode 600.\n"
@@ -39,20 +49,37 @@ class KeyFileError(Exception):
 
 
 class KeyEntry(BaseModel):
+    """One key. In the file (and to the constructor) each limit is a field of its own, named
+    as in `kinds.KINDS` (`rpm = 60`); here they are gathered in `limits`, absent: unlimited."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     created: str | None = None
     models: list[str] | None = Field(None, description="Models this key may use (None: all).")
-    rpm: Limit = Field(None, description="Requests per minute.")
-    tpm: Limit = Field(None, description="Tokens (prompt + completion) per minute.")
-    concurrency: Limit = Field(None, description="Requests running at once.")
-    tpd: Limit = Field(None, description="Tokens per day.")
+    limits: dict[str, Limit] = Field(default_factory=dict, description="Limit kind -> limit.")
 
-    @property
-    def has_limits(self) -> bool:
-        return any(x is not None for x in (self.rpm, self.tpm, self.concurrency, self.tpd))
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_limits(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if "limits" in data:
+            raise ValueError("each limit is a field of its own, such as rpm = 60")
+        names = {k.name for k in KINDS}
+        limits = {n: v for n, v in data.items() if n in names and v is not None}
+        return {**{n: v for n, v in data.items() if n not in names}, "limits": limits}
+
+    @model_serializer(mode="wrap")
+    def _spread_limits(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        fields: dict[str, Any] = handler(self)
+        limits = fields.pop("limits", None) or {}
+        return {**fields, **{k.name: limits[k.name] for k in KINDS if k.name in limits}}
+
+    def limit(self, name: str) -> int | None:
+        """The key's limit of that kind; None: unlimited."""
+        return self.limits.get(name)
 
     def allows_model(self, model: str) -> bool:
         return self.models is None or model in self.models

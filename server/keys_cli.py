@@ -19,15 +19,9 @@ from server.keys import (
     read_keys,
     write_keys,
 )
+from server.ratelimit.kinds import KINDS
 
 __all__ = ["add_keys_parser", "run_keys_command"]
-
-_LIMITS = {
-    "rpm": "requests per minute",
-    "tpm": "tokens per minute (prompt + completion)",
-    "concurrency": "requests running at once",
-    "tpd": "tokens per day",
-}
 
 
 def _limit(value: str) -> int | None:
@@ -48,14 +42,14 @@ def add_keys_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     change = actions.add_parser("set", help="change a key's limits or models")
     for parser in (create, change):
         parser.add_argument("name")
-        for limit, meaning in _LIMITS.items():
+        for kind in KINDS:
             # Absent flags stay out of the namespace, so `set` changes only what it is given.
             parser.add_argument(
-                f"--{limit}",
+                f"--{kind.name}",
                 type=_limit,
                 metavar="N",
                 default=argparse.SUPPRESS,
-                help=f"{meaning}; none for unlimited",
+                help=f"{kind.meaning}; none for unlimited",
             )
         parser.add_argument(
             "--models",
@@ -114,7 +108,9 @@ def _run(args: argparse.Namespace, path: Path) -> int:
 
 def _changes(args: argparse.Namespace) -> dict[str, object]:
     """The limits and models given on the command line, and only those."""
-    given: dict[str, object] = {k: getattr(args, k) for k in _LIMITS if hasattr(args, k)}
+    given: dict[str, object] = {
+        k.name: getattr(args, k.name) for k in KINDS if hasattr(args, k.name)
+    }
     if hasattr(args, "models"):
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         given["models"] = models or None
@@ -122,6 +118,6 @@ def _changes(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _describe(entry: KeyEntry) -> str:
-    limits = ", ".join(f"{limit} {getattr(entry, limit) or 'unlimited'}" for limit in _LIMITS)
+    limits = ", ".join(f"{k.name} {entry.limit(k.name) or 'unlimited'}" for k in KINDS)
     models = ", ".join(entry.models) if entry.models else "all models"
     return f"{entry.name}: {limits}; {models}; created {entry.created or '?'}"

@@ -77,8 +77,9 @@ class RequestLife:
         traceback: TracebackType | None,
     ) -> None:
         try:
-            self.release()
             outcome = self._outcome or self._outcome_of(exc)
+            # A 503 is the server's own refusal: the requests it was charged come back.
+            self.release(requests_back=outcome.http_status == 503)
             self.telemetry.finished(
                 outcome.status,
                 outcome.http_status,
@@ -88,11 +89,13 @@ class RequestLife:
                 cancel_reason=outcome.cancel_reason,
             )
         finally:
+            # Whatever failed above, nothing the request took stays taken (a no-op if done).
+            self.release()
             self._state.leave()
 
     async def admit(self, key: KeyEntry) -> None:
         """What can be refused before the body is read: draining, a full queue, the key's
-        requests per minute and requests at once. Nothing here costs the server any work."""
+        limits counted in requests. Nothing here costs the server any work."""
         self.key = key
         self.telemetry.key = key.name
         self._state.check_accepting()
@@ -109,12 +112,14 @@ class RequestLife:
         """The most tokens this key may ever spend on one request (None: no token limit)."""
         return None if self.key is None else self._limits.token_budget(self.key)
 
-    def release(self) -> None:
+    def release(self, *, requests_back: bool = False) -> None:
         """Give back the lease and the unused tokens, once; called as soon as the engine slot
-        is free, before the last bytes are flushed to a client that may never read them."""
+        is free, before the last bytes are flushed to a client that may never read them.
+        `requests_back`: the server refused the request after charging it, so its request
+        counts for nothing either."""
         used = self.telemetry.prompt_tokens + self.telemetry.tokens_written
         for decision, tokens in self._grants:
-            self._limits.finish(decision, used if tokens else 0)
+            self._limits.finish(decision, used if tokens else 0, requests_back=requests_back)
         self._grants.clear()
 
     def conclude(self, outcome: Outcome) -> None:

@@ -308,7 +308,7 @@ class Metrics:
         )
         self.key_limit = KeyGauge(
             "llm_key_rate_limit",
-            "A key's limit: requests or tokens per bucket (rpm, tpm, tpd).",
+            "A key's limit per bucket, in requests or tokens per window.",
             ("key", "limit"),
             registry=reg,
         )

@@ -12,6 +12,7 @@ import pytest
 
 from server.cli import main
 from server.keys import KeyFileError, KeyStore, read_keys
+from server.ratelimit.kinds import KINDS
 from tests.conftest import Process, ServerFactory, start, synthetic_engine
 
 
@@ -29,10 +30,10 @@ def test_create_list_set_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
     keys(path, "set", "acme", "--concurrency", "2", "--models", "m1,m2", capsys=capsys)
     entry = read_keys(path)["acme"]
-    assert (entry.rpm, entry.tpm, entry.concurrency, entry.tpd) == (5, 1000, 2, None)
+    assert entry.limits == {"rpm": 5, "tpm": 1000, "concurrency": 2}
     assert entry.models == ["m1", "m2"]
     keys(path, "set", "acme", "--rpm", "none", capsys=capsys)
-    assert read_keys(path)["acme"].rpm is None
+    assert read_keys(path)["acme"].limit("rpm") is None
     assert "acme: rpm unlimited, tpm 1000" in keys(path, "list", capsys=capsys)
 
     store = KeyStore(path)
@@ -41,6 +42,45 @@ def test_create_list_set_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[st
     keys(path, "revoke", "acme", capsys=capsys)
     store.reload()
     assert store.authenticate(secret) is None
+
+
+def test_every_kind_of_limit_is_a_flag_and_a_field_of_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "keys.toml"
+    flags = [arg for n, k in enumerate(KINDS, start=2) for arg in (f"--{k.name}", str(n))]
+    keys(path, "create", "acme", *flags, capsys=capsys)
+    expected = {k.name: n for n, k in enumerate(KINDS, start=2)}
+    assert read_keys(path)["acme"].limits == expected
+    text = path.read_text()
+    for name, limit in expected.items():
+        assert f"\n{name} = {limit}\n" in text
+    listed = keys(path, "list", capsys=capsys)
+    assert all(f"{name} {limit}" in listed for name, limit in expected.items())
+
+
+def test_requests_per_day_in_the_keys_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "keys.toml"
+    keys(path, "create", "acme", "--rpd", "500", capsys=capsys)
+    assert "rpd = 500" in path.read_text()
+    assert read_keys(path)["acme"].limits == {"rpd": 500}
+    assert "rpd 500" in keys(path, "list", capsys=capsys)
+    keys(path, "set", "acme", "--rpd", "none", capsys=capsys)
+    assert read_keys(path)["acme"].limits == {}
+    path.write_text(path.read_text().replace("[keys.acme]", "[keys.acme]\nrpd = 0"))
+    with pytest.raises(KeyFileError, match="rpd"):
+        read_keys(path)
+
+
+@pytest.mark.parametrize("field", ["limits = { rpm = 5 }", "rpx = 5", 'rpm = "many"', "tpd = -1"])
+def test_a_limit_that_is_no_kind_or_no_number_is_refused(tmp_path: Path, field: str) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text(f'[keys.acme]\nsha256 = "{"0" * 64}"\n{field}\n')
+    path.chmod(0o600)
+    with pytest.raises(KeyFileError, match="'acme' is invalid"):
+        read_keys(path)
 
 
 def test_a_file_others_can_read_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

@@ -173,6 +173,42 @@ async def test_concurrency_limit_refuses_the_third_stream(
     assert (await post(server))[0] == 200
 
 
+async def test_requests_per_day_hold_beside_requests_per_minute(
+    serve: ServerFactory, short_tmp: str, limiter_factory: Callable[[], Limiter]
+) -> None:
+    server = await limited_server(serve, short_tmp, limiter_factory(), rpm=60, rpd=3)
+    results = [await post(server) for _ in range(4)]
+    assert [status for status, _, _ in results] == [200, 200, 200, 429]
+    # OpenAI names headers for requests per minute and none for per day: the requests
+    # headers stay the minute's, whichever limit refused.
+    assert results[0][1]["x-ratelimit-limit-requests"] == "60"
+    assert results[0][1]["x-ratelimit-remaining-requests"] == "59"
+    _, headers, error = results[3]
+    assert error["error"]["code"] == error["error"]["type"] == "insufficient_quota"
+    assert "requests per day on key 'acme': limit 3" in error["error"]["message"]
+    assert headers["x-ratelimit-limit-requests"] == "60"
+    assert not [h for h in headers if h.startswith("x-ratelimit") and "day" in h]
+    # A day's bucket of 3 gives one request back every 8 hours.
+    assert 8 * 3600 - 60 <= int(headers["retry-after"]) <= 8 * 3600
+
+
+async def test_a_token_limit_does_not_take_a_place_of_the_concurrency_limit(
+    serve: ServerFactory, short_tmp: str, limiter_factory: Callable[[], Limiter]
+) -> None:
+    server = await limited_server(serve, short_tmp, limiter_factory(), concurrency=2, tpm=100_000)
+    body = {"model": "synthetic", "prompt": "hi", "max_tokens": 30, "stream": True}
+    headers = {"Authorization": f"Bearer {SECRET}"}
+    async with aiohttp.ClientSession() as session:
+        # The first stream holds its place and its tokens while the second asks for both.
+        async with session.post(
+            server.make_url("/v1/completions"), json=body, headers=headers
+        ) as first:
+            assert first.status == 200
+            await first.content.readuntil(b'"text":"lorem')
+            assert (await post(server))[0] == 200
+            await first.read()
+
+
 async def test_leases_of_a_dead_server_lapse(redis_server: RedisServer):
     key = KeyEntry(name="acme", sha256=hash_secret(SECRET), concurrency=1)
     crashed = redis_limiter(redis_server, lease_seconds=3)
@@ -272,7 +308,7 @@ async def test_decisions_reach_the_sidecar(
     engine = synthetic_engine(first_token_seconds="0", completion_tokens="2")
     server = await serve(
         engine,
-        keys=KeyStore(keys_file(short_tmp, rpm=5, tpm=10_000)),
+        keys=KeyStore(keys_file(short_tmp, rpm=5, tpm=10_000, rpd=1000)),
         events=sidecar_stack.sender(),
         **{"engine.kind": "synthetic"},
     )
@@ -286,6 +322,7 @@ async def test_decisions_reach_the_sidecar(
     assert samples[("llm_key_rate_limited_total", (("key", "acme"), ("limit", "rpm")))] == 1
     assert samples[("llm_key_rate_limit", (("key", "acme"), ("limit", "rpm")))] == 5
     assert samples[("llm_key_rate_limit", (("key", "acme"), ("limit", "tpm")))] == 10_000
+    assert samples[("llm_key_rate_limit", (("key", "acme"), ("limit", "rpd")))] == 1000
     remaining = samples[("llm_key_rate_limit_remaining", (("key", "acme"), ("limit", "rpm")))]
     assert 0 <= remaining < 1
     utilization = ("llm_key_rate_limit_utilization_ratio", (("key", "acme"), ("limit", "rpm")))

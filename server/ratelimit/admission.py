@@ -10,6 +10,7 @@ import time
 from server.errors import RateLimited, ServiceUnavailable
 from server.keys import KeyEntry
 from server.ratelimit.base import Decision, Limiter, LimiterUnavailable, Reservation
+from server.ratelimit.kinds import KINDS, kind
 from sidecar.client import EventSender
 
 __all__ = ["KeyAdmission"]
@@ -17,12 +18,6 @@ __all__ = ["KeyAdmission"]
 log = logging.getLogger("llmserve.ratelimit")
 
 _WARN_EVERY_SECONDS = 10.0
-_NOUNS = {
-    "rpm": "requests per minute",
-    "tpm": "tokens per minute",
-    "tpd": "tokens per day",
-    "concurrency": "requests running at once",
-}
 
 
 class KeyAdmission:
@@ -35,33 +30,30 @@ class KeyAdmission:
         self._finishing: set[asyncio.Task[None]] = set()
 
     async def admit_request(self, key: KeyEntry, request_id: str) -> Decision | None:
-        """Charge one request against the key's requests per minute and take a lease of its
-        requests at once, before the body is read (None: the key has neither limit)."""
-        if key.rpm is None and key.concurrency is None:
+        """Charge one request against the key's limits counted in requests (per minute, per
+        day, at once), before the body is read (None: the key has no such limit)."""
+        part = _counted_in(key, "requests")
+        if not part.limits:
             return None
-        return await self._admit(
-            key.model_copy(update={"tpm": None, "tpd": None}), key, 0, request_id
-        )
+        return await self._admit(part, key, 0, request_id)
 
     async def admit_tokens(self, key: KeyEntry, tokens: int, request_id: str) -> Decision | None:
         """Reserve a tokenized request's prompt and max_tokens against the key's token limits
         (None: the key has none). A request larger than a whole bucket is refused for good."""
-        budget = self.token_budget(key)
-        if budget is None:
+        part = _counted_in(key, "tokens")
+        if not part.limits:
             return None
-        if tokens > budget:
-            limit = "tpm" if key.tpm == budget else "tpd"
-            self._emit(key, request_id, limit, allowed=False, backend_error=False, state={})
-            raise _never(key, tokens, limit)
+        smallest = min(part.limits, key=part.limits.__getitem__)
+        if tokens > part.limits[smallest]:
+            self._emit(key, request_id, smallest, allowed=False, backend_error=False, state={})
+            raise _never(key, tokens, smallest)
         # Requests and leases were charged by admit_request: only the token buckets here.
-        return await self._admit(
-            key.model_copy(update={"rpm": None, "concurrency": None}), key, tokens, request_id
-        )
+        return await self._admit(part, key, tokens, request_id)
 
     @staticmethod
     def token_budget(key: KeyEntry) -> int | None:
         """The most tokens one request of this key can ever be granted."""
-        limits = [limit for limit in (key.tpm, key.tpd) if limit is not None]
+        limits = _counted_in(key, "tokens").limits.values()
         return min(limits) if limits else None
 
     async def _admit(
@@ -79,22 +71,28 @@ class KeyAdmission:
             raise _refusal(key, tokens, decision)
         return decision
 
-    def finish(self, decision: Decision | None, used_tokens: int) -> None:
-        """Reconcile in the background: a request's end never waits on Redis."""
+    def finish(
+        self, decision: Decision | None, used_tokens: int, *, requests_back: bool = False
+    ) -> None:
+        """Reconcile in the background: a request's end never waits on Redis. `requests_back`:
+        the server refused the request itself (a 503) after charging it, so its request is
+        given back too."""
         if decision is None or decision.reservation is None:
             return
         task = asyncio.get_running_loop().create_task(
-            self._reconcile(decision.reservation, used_tokens)
+            self._reconcile(decision.reservation, used_tokens, requests_back)
         )
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
 
-    async def _reconcile(self, reservation: Reservation, used_tokens: int) -> None:
+    async def _reconcile(
+        self, reservation: Reservation, used_tokens: int, requests_back: bool
+    ) -> None:
         try:
-            await self.limiter.finish(reservation, used_tokens)
+            await self.limiter.finish(reservation, used_tokens, requests_back=requests_back)
         except LimiterUnavailable as exc:
-            # The lease lapses by itself; the refund is lost, which only errs on the strict side.
-            self._warn(f"could not reconcile a reservation ({exc}); its lease will lapse")
+            # The limiter keeps the settlement and retries it until Redis confirms it.
+            self._warn(f"could not settle a reservation yet ({exc}); retrying in the background")
 
     def _warn(self, message: str) -> None:
         """Count a backend failure; log at most one line per interval, however many fail."""
@@ -153,36 +151,37 @@ class KeyAdmission:
             )
 
 
+def _counted_in(key: KeyEntry, unit: str) -> KeyEntry:
+    """The key with only its limits counted in `unit` (requests or tokens)."""
+    limits = {k.name: n for k in KINDS if k.unit == unit and (n := key.limit(k.name)) is not None}
+    return key.model_copy(update={"limits": limits})
+
+
 def _never(key: KeyEntry, tokens: int, limit: str) -> RateLimited:
     """A refusal that waiting cannot cure: no Retry-After, and `x-should-retry: false` so that
     OpenAI's clients give up at once instead of retrying."""
-    capacity = getattr(key, limit)
     message = (
         f"This request needs {tokens} tokens (prompt + max_tokens), more than key "
-        f"'{key.name}' may ever use in one request ({capacity} {_NOUNS[limit]}). "
+        f"'{key.name}' may ever use in one request ({key.limit(limit)} {kind(limit).meaning}). "
         f"Lower max_tokens or shorten the prompt."
     )
     return _rate_limited(message, limit, {"x-should-retry": "false"})
 
 
 def _refusal(key: KeyEntry, tokens: int, decision: Decision) -> RateLimited:
-    limit = decision.limit or "rpm"
-    noun = _NOUNS[limit]
-    capacity = getattr(key, limit)
-    if limit == "concurrency":
-        message = f"Too many requests running at once for key '{key.name}' (limit {capacity})."
+    refused = kind(decision.limit or "rpm")
+    capacity = key.limit(refused.name)
+    if refused.window_seconds is None:
+        message = f"Too many {refused.meaning} for key '{key.name}' (limit {capacity})."
     else:
         message = (
-            f"Rate limit reached for {noun} on key '{key.name}': limit {capacity}, requested "
-            f"{1 if limit == 'rpm' else tokens}. Try again in {decision.retry_after_seconds:.1f}s."
+            f"Rate limit reached for {refused.meaning} on key '{key.name}': limit {capacity}, "
+            f"requested {refused.cost(tokens)}. "
+            f"Try again in {decision.retry_after_seconds:.1f}s."
         )
-    return _rate_limited(message, limit, decision.headers())
+    return _rate_limited(message, refused.name, decision.headers())
 
 
 def _rate_limited(message: str, limit: str, headers: dict[str, str]) -> RateLimited:
-    if limit == "tpd":
-        return RateLimited(
-            message, type_="insufficient_quota", code="insufficient_quota", headers=headers
-        )
-    kind = "tokens" if limit in ("tpm", "tpd") else "requests"
-    return RateLimited(message, type_=kind, code="rate_limit_exceeded", headers=headers)
+    refused = kind(limit)
+    return RateLimited(message, type_=refused.error_type, code=refused.error_code, headers=headers)

@@ -5,10 +5,15 @@ from __future__ import annotations
 import abc
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from server.keys import KeyEntry
+from server.ratelimit.kinds import KINDS, kind
 
-__all__ = ["BUCKETS", "Bucket", "Decision", "Limiter", "LimiterUnavailable", "Reservation"]
+if TYPE_CHECKING:
+    # Only for annotations: server.keys reads the table of kinds from this package.
+    from server.keys import KeyEntry
+
+__all__ = ["Bucket", "Decision", "Limiter", "LimiterUnavailable", "Reservation", "refunds"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,18 +28,29 @@ class Bucket:
     def rate_per_second(self) -> float:
         return self.capacity / self.window_seconds
 
-
-# Bucket name (also the KeyEntry field holding its limit) -> window in seconds. Concurrency is a
-# count of leases, not a bucket.
-BUCKETS = {"rpm": 60.0, "tpm": 60.0, "tpd": 86_400.0}
+    def cost(self, tokens: int) -> int:
+        """What a request reserving `tokens` takes from this bucket."""
+        return kind(self.name).cost(tokens)
 
 
 def buckets_for(key: KeyEntry) -> list[Bucket]:
+    """The key's token buckets (concurrency is a count of leases, not a bucket)."""
     return [
-        Bucket(name, limit, window)
-        for name, window in BUCKETS.items()
-        if (limit := getattr(key, name)) is not None
+        Bucket(k.name, limit, k.window_seconds)
+        for k in KINDS
+        if k.window_seconds is not None and (limit := key.limit(k.name)) is not None
     ]
+
+
+def refunds(
+    buckets: list[Bucket], reserved_tokens: int, used_tokens: int, *, requests_back: bool
+) -> dict[str, int]:
+    """What each bucket gets back when a request ends: the tokens it reserved and did not use
+    (negative: it used more), and its request only if the server refused it after charging."""
+    unused = reserved_tokens - used_tokens
+    return {
+        b.name: unused if kind(b.name).unit == "tokens" else int(requests_back) for b in buckets
+    }
 
 
 def bucket_state(
@@ -61,7 +77,7 @@ class Reservation:
 @dataclass(frozen=True, slots=True)
 class Decision:
     allowed: bool
-    # The limit that refused the request: rpm, tpm, tpd or concurrency.
+    # The kind of limit (kinds.KINDS) that refused the request.
     limit: str | None = None
     retry_after_seconds: float = 0.0
     # name -> (limit, remaining, seconds until full) after this decision.
@@ -71,11 +87,12 @@ class Decision:
     never: bool = False
 
     def headers(self) -> dict[str, str]:
-        """OpenAI's x-ratelimit-* headers for the request and token buckets that exist."""
+        """OpenAI's x-ratelimit-* headers for the key's buckets that OpenAI has a name for."""
         out: dict[str, str] = {}
-        for bucket, noun in (("rpm", "requests"), ("tpm", "tokens")):
-            if bucket in self.state:
-                limit, remaining, reset = self.state[bucket]
+        for k in KINDS:
+            if k.header is not None and k.name in self.state:
+                noun = k.header
+                limit, remaining, reset = self.state[k.name]
                 out[f"x-ratelimit-limit-{noun}"] = str(limit)
                 out[f"x-ratelimit-remaining-{noun}"] = str(max(0, math.floor(remaining)))
                 out[f"x-ratelimit-reset-{noun}"] = format_duration(reset)
@@ -109,8 +126,12 @@ class Limiter(abc.ABC):
         """Charge one request and `tokens` reserved tokens, or refuse without charging."""
 
     @abc.abstractmethod
-    async def finish(self, reservation: Reservation, used_tokens: int) -> None:
-        """Refund unused reserved tokens (or charge more) and end the concurrency lease.
+    async def finish(
+        self, reservation: Reservation, used_tokens: int, *, requests_back: bool = False
+    ) -> None:
+        """Refund unused reserved tokens (or charge more) and end the concurrency lease; with
+        `requests_back`, also give back the request it was charged (the server refused it
+        itself, with a 503, after charging it). Settling a reservation twice changes nothing.
 
         Raises LimiterUnavailable if the shared store cannot be reached; the limiter still
         settles the reservation once the store is back."""

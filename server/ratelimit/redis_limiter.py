@@ -41,8 +41,8 @@ from server.ratelimit.base import (
     Reservation,
     bucket_state,
     buckets_for,
+    refunds,
 )
-from server.ratelimit.memory import costs
 from server.ratelimit.redis_scripts import ADMIT, RENEW, SETTLE
 
 __all__ = ["RedisLimiter", "connect"]
@@ -96,8 +96,9 @@ class RedisLimiter(Limiter):
         self._admit = client.register_script(ADMIT)
         self._settle = client.register_script(SETTLE)
         self._renew = client.register_script(RENEW)
-        # key name -> ids of the requests running here, whose leases are renewed until they end.
-        self._held: dict[str, set[str]] = {}
+        # key name -> id of each grant running here -> whether it holds a place under the key's
+        # concurrency limit; their expiry is renewed until they end.
+        self._held: dict[str, dict[str, bool]] = {}
         # id -> settlement Redis has not confirmed yet, oldest first.
         self._pending: dict[str, _Settlement] = {}
         self._renewer: asyncio.Task[None] | None = None
@@ -117,16 +118,16 @@ class RedisLimiter(Limiter):
 
     async def admit(self, key: KeyEntry, tokens: int) -> Decision:
         buckets = buckets_for(key)
-        cost = costs(tokens)
+        cost = {b.name: b.cost(tokens) for b in buckets}
         grant = uuid.uuid4().hex
-        args: list[Any] = [self.lease_ms, key.concurrency or 0, grant, len(buckets)]
+        args: list[Any] = [self.lease_ms, key.limit("concurrency") or 0, grant, len(buckets)]
         for b in buckets:
             args += [b.name, b.capacity, int(b.window_seconds * 1000), cost[b.name]]
         keys = [_key(key.name, b.name) for b in buckets] + _books(key.name)
         # Without an answer the request goes on unchecked or is refused, but the admit may yet
         # run (a stalled Redis runs what it has received) or have run with its answer lost:
         # settling its id with a full refund undoes it whichever happens.
-        undo = _Settlement(key, grant, {b.name: cost[b.name] for b in buckets})
+        undo = _Settlement(key, grant, cost)
         with self._settled_on_failure(undo):
             status, limit, wait_ms, *levels = await self._call(self._admit, keys, args)
         status, limit = _text(status), _text(limit)
@@ -138,22 +139,24 @@ class RedisLimiter(Limiter):
             return Decision(False, limit, window, state, never=True)
         if status == "wait":
             return Decision(False, limit, float(wait_ms) / 1000, state)
-        self._held.setdefault(key.name, set()).add(grant)
+        self._held.setdefault(key.name, {})[grant] = key.limit("concurrency") is not None
         if self._renewer is None or self._renewer.done():
             self._renewer = asyncio.get_running_loop().create_task(self._renew_leases())
         return Decision(True, state=state, reservation=Reservation(key, tokens, grant))
 
-    async def finish(self, reservation: Reservation, used_tokens: int) -> None:
+    async def finish(
+        self, reservation: Reservation, used_tokens: int, *, requests_back: bool = False
+    ) -> None:
         """Settle the request's id; if Redis does not confirm it, retry in the background."""
         key = reservation.key
-        grants = self._held.get(key.name, set())
-        grants.discard(reservation.lease)
+        grants = self._held.get(key.name, {})
+        grants.pop(reservation.lease, None)
         if not grants:
             self._held.pop(key.name, None)
-        refund = reservation.tokens - used_tokens
-        settlement = _Settlement(
-            key, reservation.lease, {b.name: refund for b in buckets_for(key) if b.name != "rpm"}
+        back = refunds(
+            buckets_for(key), reservation.tokens, used_tokens, requests_back=requests_back
         )
+        settlement = _Settlement(key, reservation.lease, back)
         with self._settled_on_failure(settlement):
             await self._apply(settlement)
 
@@ -210,7 +213,10 @@ class RedisLimiter(Limiter):
     async def _renew_leases(self) -> None:
         while self._held:
             await asyncio.sleep(self.lease_ms / 3000)
-            held = [(name, list(grants)) for name, grants in self._held.items()]
+            held = [
+                (name, [x for grant, place in grants.items() for x in (grant, int(place))])
+                for name, grants in self._held.items()
+            ]
             for start in range(0, len(held), _RENEW_BATCH):
                 results = await asyncio.gather(
                     *(
@@ -244,8 +250,9 @@ class _Settlement:
 
 
 def _books(name: str) -> list[str]:
-    """The running and the settled requests of a key, the last KEYS of every script."""
-    return [_key(name, "leases"), _key(name, "settled")]
+    """The running (holding a place or not) and the settled ids of a key, the last KEYS of
+    every script."""
+    return [_key(name, "leases"), _key(name, "open"), _key(name, "settled")]
 
 
 def _text(value: Any) -> str:

@@ -1,18 +1,21 @@
 """The Lua scripts of the Redis limiter: each decision is one atomic script, keyed by request.
 
-Per API key, Redis holds one hash per token bucket (`level`, `ts`), a sorted set `leases` of the
-requests admitted and still running (id -> expiry), and a sorted set `settled` of the requests
-whose books are closed (id -> when that can be forgotten). Every request the limiter is asked
+Per API key, Redis holds one hash per token bucket (`level`, `ts`), two sorted sets of the ids
+admitted and still running (id -> expiry): `leases`, those that hold a place under the key's
+concurrency limit, and `open`, those that hold none (the token reservation a request makes
+after its place, or a request of a key without that limit), and a sorted set `settled` of the
+ids whose books are closed (id -> when that can be forgotten). Every request the limiter is asked
 about has a server-made id, so the scripts are idempotent and commute:
 
-- ADMIT charges the buckets and adds the id to `leases`, unless the id is already settled (its
+- ADMIT charges the buckets and adds the id to `leases` (given a concurrency limit) or `open`,
+  unless the id is already settled (its
   request gave up on this admit, which Redis ran late: nothing is charged) or already admitted
   (a client retry of an admit that ran: not charged twice).
-- SETTLE closes the id: it refunds what it is told to if the id holds a lease, removes the
-  lease, and records the id as settled, so an admit or a renewal arriving afterwards is void.
+- SETTLE closes the id: it refunds what it is told to if the id is running, removes it, and
+  records the id as settled, so an admit or a renewal arriving afterwards is void.
   Run twice, or before its admit, it changes nothing more.
-- RENEW pushes the expiry of running requests' leases, and puts back those a restarted Redis
-  lost, but never revives a settled one.
+- RENEW pushes the expiry of running ids, and puts back those a restarted Redis lost in the
+  set they belong to, but never revives a settled one.
 
 All times are Redis's own clock (`TIME`), in milliseconds.
 """
@@ -26,15 +29,15 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: the buckets, then leases, settled. ARGV: lease ttl ms, concurrency limit (0 = none), id,
-# bucket count, then per bucket: name, capacity, window ms, cost.
+# KEYS: the buckets, then leases, open, settled. ARGV: lease ttl ms, concurrency limit (0 = none:
+# the id holds no place), id, bucket count, then per bucket: name, capacity, window ms, cost.
 # Returns status ('ok', 'wait', 'never' or 'void'), the refusing limit, the wait in ms, and the
 # bucket levels after the decision.
 ADMIT = (
     _NOW
     + """
 local ttl, limit, id, n = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-local leases, settled = KEYS[n + 1], KEYS[n + 2]
+local leases, open, settled = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3]
 local closed = tonumber(redis.call('ZSCORE', settled, id))
 if closed and closed > now then return {'void', '', '0'} end
 local levels, costs = {}, {}
@@ -61,14 +64,19 @@ end
 local out = {}
 for i = 1, n do out[i] = tostring(levels[i]) end
 redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
-if redis.call('ZSCORE', leases, id) then return {'ok', '', '0', unpack(out)} end
+redis.call('ZREMRANGEBYSCORE', open, '-inf', now)
+if redis.call('ZSCORE', leases, id) or redis.call('ZSCORE', open, id) then
+  return {'ok', '', '0', unpack(out)}
+end
 if never ~= '' then return {'never', never, '0', unpack(out)} end
 if refused ~= '' then return {'wait', refused, tostring(wait), unpack(out)} end
 if limit > 0 and redis.call('ZCARD', leases) >= limit then
   return {'wait', 'concurrency', '1000', unpack(out)}
 end
-redis.call('ZADD', leases, now + ttl, id)
-redis.call('PEXPIRE', leases, ttl * 2)
+local book = open
+if limit > 0 then book = leases end
+redis.call('ZADD', book, now + ttl, id)
+redis.call('PEXPIRE', book, ttl * 2)
 for i = 1, n do
   local b = 4 + (i - 1) * 4
   levels[i] = levels[i] - costs[i]
@@ -80,18 +88,18 @@ return {'ok', '', '0', unpack(out)}
 """
 )
 
-# KEYS: the buckets to refund, then leases, settled. ARGV: id, ms to remember it as settled,
+# KEYS: the buckets to refund, then leases, open, settled. ARGV: id, ms to remember it as settled,
 # bucket count, then per bucket: capacity, window ms, refund (negative: charge more).
-# Returns 1 if the id held a lease (and was refunded), else 0.
+# Returns 1 if the id was running (and was refunded), else 0.
 SETTLE = (
     _NOW
     + """
 local id, keep, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local leases, settled = KEYS[n + 1], KEYS[n + 2]
+local leases, open, settled = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3]
 redis.call('ZREMRANGEBYSCORE', settled, '-inf', now)
 redis.call('ZADD', settled, now + keep, id)
 redis.call('PEXPIRE', settled, keep)
-if redis.call('ZREM', leases, id) == 0 then return 0 end
+if redis.call('ZREM', leases, id) + redis.call('ZREM', open, id) == 0 then return 0 end
 for i = 1, n do
   local b = 3 + (i - 1) * 3
   local cap, window, refund = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
@@ -106,16 +114,22 @@ return 1
 """
 )
 
-# KEYS: leases, settled. ARGV: lease ttl ms, then the ids of requests still running.
+# KEYS: leases, open, settled. ARGV: lease ttl ms, then for each id still running: the id, and
+# 1 if it holds a place (it belongs in leases), else 0.
 RENEW = (
     _NOW
     + """
 local ttl = tonumber(ARGV[1])
-for i = 2, #ARGV do
-  local closed = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[i]))
-  if not closed or closed <= now then redis.call('ZADD', KEYS[1], now + ttl, ARGV[i]) end
+for i = 2, #ARGV, 2 do
+  local closed = tonumber(redis.call('ZSCORE', KEYS[3], ARGV[i]))
+  if not closed or closed <= now then
+    local book = KEYS[2]
+    if ARGV[i + 1] == '1' then book = KEYS[1] end
+    redis.call('ZADD', book, now + ttl, ARGV[i])
+  end
 end
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
+redis.call('PEXPIRE', KEYS[2], ttl * 2)
 return 1
 """
 )
