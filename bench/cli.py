@@ -13,8 +13,8 @@ from typing import Any
 
 import aiohttp
 
-from bench.load import Target, run_level
-from bench.report import summarize, table, write_chart, write_json
+from llmserve.bench.load import Target, run_level
+from llmserve.bench.report import summarize, table, write_chart, write_json
 
 __all__ = ["add_bench_parser", "run_bench"]
 

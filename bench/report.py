@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.load import RequestResult
+from llmserve.bench.load import RequestResult
 
 __all__ = ["summarize", "table", "write_chart", "write_json"]
 

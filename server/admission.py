@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from server.errors import ServiceUnavailable
+from llmserve.server.errors import ServiceUnavailable
 
 __all__ = ["AdmissionGate"]
 

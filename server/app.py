@@ -4,21 +4,21 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from server import __version__
-from server.admission import AdmissionGate
-from server.app_keys import AUTH, BODY_TIMEOUT, OPENAPI, SERVICE, STATE
-from server.auth import AuthState
-from server.config import Config
-from server.engines.base import Engine
-from server.handlers import routes
-from server.keys import KeyStore
-from server.middlewares import error_middleware
-from server.openapi import build_openapi
-from server.ratelimit import Limiter, MemoryLimiter
-from server.ratelimit.admission import KeyAdmission
-from server.serving import GenerationService
-from server.state import ServerState
-from sidecar.client import EventSender
+from llmserve.server import __version__
+from llmserve.server.admission import AdmissionGate
+from llmserve.server.app_keys import AUTH, BODY_TIMEOUT, OPENAPI, SERVICE, STATE
+from llmserve.server.auth import AuthState
+from llmserve.server.config import Config
+from llmserve.server.engines.base import Engine
+from llmserve.server.handlers import routes
+from llmserve.server.keys import KeyStore
+from llmserve.server.middlewares import error_middleware
+from llmserve.server.openapi import build_openapi
+from llmserve.server.ratelimit import Limiter, MemoryLimiter
+from llmserve.server.ratelimit.admission import KeyAdmission
+from llmserve.server.serving import GenerationService
+from llmserve.server.state import ServerState
+from llmserve.shared.client import EventSender
 
 __all__ = ["build_app"]
 

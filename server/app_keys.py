@@ -6,9 +6,9 @@ from typing import Any
 
 from aiohttp import web
 
-from server.auth import AuthState
-from server.serving import GenerationService
-from server.state import ServerState
+from llmserve.server.auth import AuthState
+from llmserve.server.serving import GenerationService
+from llmserve.server.state import ServerState
 
 __all__ = ["AUTH", "BODY_TIMEOUT", "OPENAPI", "SERVICE", "STATE"]
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from server.errors import Unauthorized
-from server.keys import KeyEntry, KeyStore
+from llmserve.server.errors import Unauthorized
+from llmserve.server.keys import KeyEntry, KeyStore
 
 __all__ = ["ANONYMOUS", "AuthState", "is_loopback"]
 

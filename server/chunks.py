@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Any
 
-from server.engines.base import Completion
+from llmserve.server.engines.base import Completion
 
 __all__ = ["ChatFormat", "CompletionFormat", "ResponseFormat"]
 

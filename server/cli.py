@@ -12,11 +12,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from bench.cli import add_bench_parser, run_bench
-from server import __version__
-from server.config import ENV_PREFIX, ConfigError, field_names, flag, load_config
-from server.keys_cli import add_keys_parser, run_keys_command
-from sidecar.jsonlog import close_logging, configure_logging
+from llmserve.bench.cli import add_bench_parser, run_bench
+from llmserve.server import __version__
+from llmserve.server.config import ENV_PREFIX, ConfigError, field_names, flag, load_config
+from llmserve.server.keys_cli import add_keys_parser, run_keys_command
+from llmserve.shared.jsonlog import close_logging, configure_logging
 
 __all__ = ["main"]
 
@@ -78,13 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         if args.command == "sidecar":
-            from sidecar.runner import run as run_sidecar
+            from llmserve.sidecar.runner import run as run_sidecar
 
             return run_sidecar(
                 config.sidecar, server_port=config.server.port, log_level=config.server.log_level
             )
         configure_logging("llmserve", config.server.log_level)
-        from server.runner import run
+        from llmserve.server.runner import run
 
         return run(config, _sidecar_args(args.config, overrides))
     finally:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from sidecar.settings import SidecarSettings
+from llmserve.sidecar.settings import SidecarSettings
 
 __all__ = ["ENV_PREFIX", "Config", "ConfigError", "EngineSettings", "engine_kinds", "load_config"]
 

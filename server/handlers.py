@@ -9,15 +9,15 @@ from typing import TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from server.app_keys import AUTH, BODY_TIMEOUT, OPENAPI, SERVICE, STATE
-from server.errors import (
+from llmserve.server.app_keys import AUTH, BODY_TIMEOUT, OPENAPI, SERVICE, STATE
+from llmserve.server.errors import (
     NotFound,
     RequestTimeout,
     UnsupportedMediaType,
     from_validation_error,
 )
-from server.middlewares import REQUEST_ID
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from llmserve.server.middlewares import REQUEST_ID
+from llmserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
 __all__ = ["routes"]
 

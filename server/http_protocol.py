@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from server.errors import HTTPStatusError
+from llmserve.server.errors import HTTPStatusError
 
 __all__ = ["AppRunner"]
 

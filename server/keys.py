@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from server.ratelimit.kinds import KINDS
+from llmserve.server.ratelimit.kinds import KINDS
 
 __all__ = ["KeyEntry", "KeyFileError", "KeyStore", "hash_secret", "new_secret"]
 

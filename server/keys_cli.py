@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from server.keys import (
+from llmserve.server.keys import (
     KeyEntry,
     KeyFileError,
     created_now,
@@ -19,7 +19,7 @@ from server.keys import (
     read_keys,
     write_keys,
 )
-from server.ratelimit.kinds import KINDS
+from llmserve.server.ratelimit.kinds import KINDS
 
 __all__ = ["add_keys_parser", "run_keys_command"]
 

@@ -13,7 +13,7 @@ import uuid
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from server.errors import APIError, InternalError, from_http_exception
+from llmserve.server.errors import APIError, InternalError, from_http_exception
 
 __all__ = ["REQUEST_ID", "REQUEST_ID_HEADER", "error_middleware"]
 

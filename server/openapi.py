@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from server import protocol
+from llmserve.server import protocol
 
 __all__ = ["build_openapi"]
 

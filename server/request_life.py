@@ -16,15 +16,15 @@ from types import TracebackType
 
 from aiohttp import web
 
-from server.admission import AdmissionGate
-from server.engines.base import Completion
-from server.errors import APIError, from_http_exception
-from server.keys import KeyEntry
-from server.middlewares import REQUEST_ID_HEADER
-from server.ratelimit.admission import KeyAdmission
-from server.ratelimit.base import Decision
-from server.state import ServerState
-from server.telemetry import RequestTelemetry
+from llmserve.server.admission import AdmissionGate
+from llmserve.server.engines.base import Completion
+from llmserve.server.errors import APIError, from_http_exception
+from llmserve.server.keys import KeyEntry
+from llmserve.server.middlewares import REQUEST_ID_HEADER
+from llmserve.server.ratelimit.admission import KeyAdmission
+from llmserve.server.ratelimit.base import Decision
+from llmserve.server.state import ServerState
+from llmserve.server.telemetry import RequestTelemetry
 
 __all__ = ["Outcome", "RequestLife"]
 

@@ -16,21 +16,21 @@ from pathlib import Path
 import uvloop
 from aiohttp import web
 
-from server.app import build_app
-from server.app_keys import SERVICE, STATE
-from server.auth import is_loopback
-from server.config import Config
-from server.engines import EngineError, create_engine
-from server.engines.base import Engine, ModelInfo
-from server.http_protocol import AppRunner
-from server.keys import KeyFileError, KeyStore
-from server.ratelimit import Limiter, MemoryLimiter
-from server.ratelimit.redis_limiter import RedisLimiter, connect
-from server.state_reporter import StateReporter
-from server.supervisor import SidecarSupervisor
-from sidecar.client import EventSender
-from sidecar.systemd_notify import SystemdNotifier
-from sidecar.undelivered import leave_count
+from llmserve.server.app import build_app
+from llmserve.server.app_keys import SERVICE, STATE
+from llmserve.server.auth import is_loopback
+from llmserve.server.config import Config
+from llmserve.server.engines import EngineError, create_engine
+from llmserve.server.engines.base import Engine, ModelInfo
+from llmserve.server.http_protocol import AppRunner
+from llmserve.server.keys import KeyFileError, KeyStore
+from llmserve.server.ratelimit import Limiter, MemoryLimiter
+from llmserve.server.ratelimit.redis_limiter import RedisLimiter, connect
+from llmserve.server.state_reporter import StateReporter
+from llmserve.server.supervisor import SidecarSupervisor
+from llmserve.shared.client import EventSender
+from llmserve.shared.systemd_notify import SystemdNotifier
+from llmserve.shared.undelivered import leave_count
 
 __all__ = ["run"]
 

@@ -17,10 +17,10 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from server.admission import AdmissionGate
-from server.chat_template import ChatTemplateError
-from server.chunks import ChatFormat, CompletionFormat, ResponseFormat
-from server.engines.base import (
+from llmserve.server.admission import AdmissionGate
+from llmserve.server.chat_template import ChatTemplateError
+from llmserve.server.chunks import ChatFormat, CompletionFormat, ResponseFormat
+from llmserve.server.engines.base import (
     Completion,
     Engine,
     EngineError,
@@ -29,7 +29,7 @@ from server.engines.base import (
     RequestTooLarge,
     SamplingParams,
 )
-from server.errors import (
+from llmserve.server.errors import (
     InternalError,
     InvalidRequest,
     NotFound,
@@ -37,14 +37,14 @@ from server.errors import (
     ServiceUnavailable,
     envelope,
 )
-from server.keys import KeyEntry
-from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.ratelimit.admission import KeyAdmission
-from server.request_life import Outcome, RequestLife
-from server.sse import ClientStalled, EventStream
-from server.state import ServerState
-from server.telemetry import RequestTelemetry
-from sidecar.client import EventSender
+from llmserve.server.keys import KeyEntry
+from llmserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from llmserve.server.ratelimit.admission import KeyAdmission
+from llmserve.server.request_life import Outcome, RequestLife
+from llmserve.server.sse import ClientStalled, EventStream
+from llmserve.server.state import ServerState
+from llmserve.server.telemetry import RequestTelemetry
+from llmserve.shared.client import EventSender
 
 log = logging.getLogger("llmserve.serving")
 _T = TypeVar("_T")

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.errors import ServiceUnavailable
+from llmserve.server.errors import ServiceUnavailable
 
 __all__ = ["ServerState"]
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from server.admission import AdmissionGate
-from server.engines.base import Engine, ModelInfo
-from server.state import ServerState
-from sidecar.client import EventSender
-from sidecar.protocol import Load, State
+from llmserve.server.admission import AdmissionGate
+from llmserve.server.engines.base import Engine, ModelInfo
+from llmserve.server.state import ServerState
+from llmserve.shared.client import EventSender
+from llmserve.shared.protocol import Load, State
 
 __all__ = ["StateReporter"]
 

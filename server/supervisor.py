@@ -1,6 +1,6 @@
 """Run the metrics sidecar as a child process and restart it, with backoff, whenever it dies.
 
-Events sent while it is away wait in the server's buffer (sidecar.client), so a crash or restart
+Events sent while it is away wait in the server's buffer (shared.client), so a crash or restart
 of the sidecar loses nothing within the buffer's bound and never touches a request.
 
 The child stops when its stdin, a pipe from this process, closes: when `stop()` closes it after
@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from sidecar.runner import PARENT_PID_ENV
+from llmserve.shared.child_process import PARENT_PID_ENV
 
 __all__ = ["SidecarSupervisor"]
 
@@ -33,7 +33,7 @@ _HEALTHY_SECONDS = 60.0
 
 class SidecarSupervisor:
     def __init__(self, args: Sequence[str]) -> None:
-        self.argv = [sys.executable, "-m", "server.cli", "sidecar", *args]
+        self.argv = [sys.executable, "-m", "llmserve.server.cli", "sidecar", *args]
         self.process: asyncio.subprocess.Process | None = None
         self.starts = 0
         self._stopping = False

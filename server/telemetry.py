@@ -12,9 +12,9 @@ from __future__ import annotations
 import itertools
 import time
 
-from server.engines.base import Completion
-from sidecar.client import EventSender
-from sidecar.protocol import MAX_GAPS, End, First, Gaps, Start
+from llmserve.server.engines.base import Completion
+from llmserve.shared.client import EventSender
+from llmserve.shared.protocol import MAX_GAPS, End, First, Gaps, Start
 
 __all__ = ["RequestTelemetry"]
 

@@ -8,9 +8,9 @@ import time
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from sidecar.access import bearer_token_middleware
-from sidecar.recorder import Recorder
-from sidecar.status_page import status_page_routes
+from llmserve.sidecar.access import bearer_token_middleware
+from llmserve.sidecar.recorder import Recorder
+from llmserve.sidecar.status_page import status_page_routes
 
 __all__ = ["RECORDER", "build_sidecar_app"]
 

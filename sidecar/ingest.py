@@ -13,8 +13,8 @@ import os
 import socket
 from pathlib import Path
 
-from sidecar.protocol import DecodeError, decode_datagram
-from sidecar.recorder import Recorder
+from llmserve.shared.protocol import DecodeError, decode_datagram
+from llmserve.sidecar.recorder import Recorder
 
 __all__ = ["open_event_socket"]
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from sidecar.metrics import Metrics
+from llmserve.sidecar.metrics import Metrics
 
 __all__ = ["LokiPusher", "build_push_body"]
 

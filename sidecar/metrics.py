@@ -15,8 +15,8 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-from sidecar.bulk_histogram import BulkHistogram
-from sidecar.key_metrics import KeyCounter, KeyGauge, MetricsRegistry
+from llmserve.sidecar.bulk_histogram import BulkHistogram
+from llmserve.sidecar.key_metrics import KeyCounter, KeyGauge, MetricsRegistry
 
 __all__ = ["ITL_BUCKETS", "LATENCY_BUCKETS", "RATE_BUCKETS", "TTFT_BUCKETS", "Metrics"]
 

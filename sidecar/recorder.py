@@ -20,8 +20,7 @@ from typing import Any
 
 import msgspec
 
-from sidecar.metrics import Metrics
-from sidecar.protocol import (
+from llmserve.shared.protocol import (
     ERROR_STATUSES,
     AnyEvent,
     Datagram,
@@ -34,8 +33,9 @@ from sidecar.protocol import (
     Start,
     State,
 )
-from sidecar.request_log import RecentProblems
-from sidecar.stats import RollingStats
+from llmserve.sidecar.metrics import Metrics
+from llmserve.sidecar.request_log import RecentProblems
+from llmserve.sidecar.stats import RollingStats
 
 __all__ = ["KeyNames", "Recorder"]
 

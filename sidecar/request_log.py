@@ -13,9 +13,9 @@ from collections import deque
 from datetime import UTC, datetime
 from typing import Any
 
-from sidecar.jsonlog import logger
-from sidecar.loki import LokiPusher
-from sidecar.protocol import ERROR_STATUSES
+from llmserve.shared.jsonlog import logger
+from llmserve.shared.protocol import ERROR_STATUSES
+from llmserve.sidecar.loki import LokiPusher
 
 __all__ = ["RecentProblems", "RequestLog", "request_fields"]
 

@@ -18,18 +18,19 @@ import termios
 import uvloop
 from aiohttp import web
 
-from sidecar.app import build_sidecar_app
-from sidecar.gpu import register_gpu_metrics
-from sidecar.ingest import open_event_socket
-from sidecar.jsonlog import configure_logging
-from sidecar.loki import LokiPusher
-from sidecar.metrics import Metrics
-from sidecar.recorder import Recorder
-from sidecar.request_log import RequestLog
-from sidecar.settings import SidecarSettings
-from sidecar.stats import RollingStats
-from sidecar.systemd_notify import SystemdNotifier
-from sidecar.undelivered import take_count
+from llmserve.shared.child_process import PARENT_PID_ENV
+from llmserve.shared.jsonlog import configure_logging
+from llmserve.shared.systemd_notify import SystemdNotifier
+from llmserve.shared.undelivered import take_count
+from llmserve.sidecar.app import build_sidecar_app
+from llmserve.sidecar.gpu import register_gpu_metrics
+from llmserve.sidecar.ingest import open_event_socket
+from llmserve.sidecar.loki import LokiPusher
+from llmserve.sidecar.metrics import Metrics
+from llmserve.sidecar.recorder import Recorder
+from llmserve.sidecar.request_log import RequestLog
+from llmserve.sidecar.settings import SidecarSettings
+from llmserve.sidecar.stats import RollingStats
 
 __all__ = ["run"]
 
@@ -38,7 +39,6 @@ log = logging.getLogger("llmserve.sidecar")
 SERVICE = "llmserve"
 # Set by `llmserve serve` for the sidecar it starts, whose stdin is then its lifeline (see
 # server.supervisor); not a setting, so not LLMSERVE_-prefixed.
-PARENT_PID_ENV = "_LLMSERVE_PARENT_PID"
 # On the way out, datagrams already queued in the socket are read first, for up to this long
 # (at niceness 10 on a saturated machine the loop may get little CPU).
 _DRAIN_LIMIT_SECONDS = 5.0

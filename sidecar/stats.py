@@ -15,8 +15,8 @@ from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar.metrics import ITL_BUCKETS, TTFT_BUCKETS
-from sidecar.protocol import ERROR_STATUSES
+from llmserve.shared.protocol import ERROR_STATUSES
+from llmserve.sidecar.metrics import ITL_BUCKETS, TTFT_BUCKETS
 
 __all__ = ["RollingStats"]
 

@@ -22,19 +22,19 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.app import build_app
-from server.app_keys import STATE
-from server.config import Config, load_config
-from server.engines import create_engine
-from server.engines.base import Engine
-from server.keys import KeyStore
-from server.ratelimit import Limiter
-from sidecar.app import build_sidecar_app
-from sidecar.client import EventSender
-from sidecar.ingest import open_event_socket
-from sidecar.metrics import Metrics
-from sidecar.recorder import Recorder
-from sidecar.stats import RollingStats
+from llmserve.server.app import build_app
+from llmserve.server.app_keys import STATE
+from llmserve.server.config import Config, load_config
+from llmserve.server.engines import create_engine
+from llmserve.server.engines.base import Engine
+from llmserve.server.keys import KeyStore
+from llmserve.server.ratelimit import Limiter
+from llmserve.shared.client import EventSender
+from llmserve.sidecar.app import build_sidecar_app
+from llmserve.sidecar.ingest import open_event_socket
+from llmserve.sidecar.metrics import Metrics
+from llmserve.sidecar.recorder import Recorder
+from llmserve.sidecar.stats import RollingStats
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 
@@ -180,7 +180,7 @@ async def sidecar_stack(
     transport.close()
 
 
-LLMSERVE = [sys.executable, "-m", "server.cli"]
+LLMSERVE = [sys.executable, "-m", "llmserve.server.cli"]
 
 
 class Process:

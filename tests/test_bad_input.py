@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from server.protocol import ErrorResponse
+from llmserve.server.protocol import ErrorResponse
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 USER = [{"role": "user", "content": "hi"}]

@@ -21,7 +21,7 @@ async def bench(*args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "server.cli",
+        "llmserve.server.cli",
         "bench",
         *args,
         stdout=asyncio.subprocess.PIPE,

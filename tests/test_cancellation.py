@@ -8,8 +8,8 @@ import time
 import aiohttp
 from aiohttp.test_utils import TestServer
 
-from server.app_keys import SERVICE
-from server.engines.base import Engine
+from llmserve.server.app_keys import SERVICE
+from llmserve.server.engines.base import Engine
 from tests.conftest import ServerFactory, synthetic_engine
 
 LONG = {"max_tokens": 400, "temperature": 0, "ignore_eos": True}

@@ -6,8 +6,8 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from server.chat_template import ChatTemplate, ChatTemplateError
-from server.engines.base import Engine
+from llmserve.server.chat_template import ChatTemplate, ChatTemplateError
+from llmserve.server.engines.base import Engine
 
 
 def test_bundled_model_template_from_gguf_metadata(llama_engine: Engine):

@@ -8,7 +8,7 @@ import aiohttp
 import openai
 from aiohttp.test_utils import TestServer
 
-from server.engines.base import Engine
+from llmserve.server.engines.base import Engine
 from tests.conftest import ServerFactory, synthetic_engine
 from tests.test_openai_client import client_for
 

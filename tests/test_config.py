@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ConfigError, load_config
+from llmserve.server.config import ConfigError, load_config
 
 
 def test_defaults_are_the_embedded_setup():
@@ -76,7 +76,7 @@ def test_missing_config_file():
 
 
 def test_event_socket_defaults_per_server_port(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    from sidecar.settings import SidecarSettings, default_socket_path
+    from llmserve.sidecar.settings import SidecarSettings, default_socket_path
 
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     assert default_socket_path(8000) == str(tmp_path / "llmserve" / "events-8000.sock")

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from server.engines.base import (
+from llmserve.server.engines.base import (
     Completion,
     Engine,
     EngineError,

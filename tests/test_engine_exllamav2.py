@@ -14,9 +14,15 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from server.engines.base import Completion, Engine, GenerationRequest, SamplingParams, TokenDelta
-from server.engines.exllamav2.files import read_model_files
-from server.engines.exllamav2.jobs import sampler_settings
+from llmserve.server.engines.base import (
+    Completion,
+    Engine,
+    GenerationRequest,
+    SamplingParams,
+    TokenDelta,
+)
+from llmserve.server.engines.exllamav2.files import read_model_files
+from llmserve.server.engines.exllamav2.jobs import sampler_settings
 from tests import exllamav2_double as double
 from tests.conftest import ExLlamaV2Factory, ServerFactory, start
 from tests.exllamav2_double.generator.dynamic import ExLlamaV2DynamicGenerator

@@ -16,12 +16,12 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from server.engines import create_engine, synthetic
-from server.engines.base import Engine, GenerationRequest, SamplingParams
-from server.engines.exllamav2 import engine as exllamav2_engine
-from server.engines.llamacpp import LlamaCppEngine
-from server.engines.llamacpp.model import LlamaModel
-from server.engines.text_output import TextAssembler
+from llmserve.server.engines import create_engine, synthetic
+from llmserve.server.engines.base import Engine, GenerationRequest, SamplingParams
+from llmserve.server.engines.exllamav2 import engine as exllamav2_engine
+from llmserve.server.engines.llamacpp import LlamaCppEngine
+from llmserve.server.engines.llamacpp.model import LlamaModel
+from llmserve.server.engines.text_output import TextAssembler
 from tests.conftest import ExLlamaV2Factory, ServerFactory, make_config, synthetic_engine
 from tests.exllamav2_double.generator.dynamic import ExLlamaV2DynamicGenerator
 

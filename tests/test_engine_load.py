@@ -24,7 +24,7 @@ from tests.exllamav2_double.model_dir import write_model_dir
 LAUNCHERS = {
     "llamacpp": """
 import sys, threading
-from server.engines.llamacpp import engine as llamacpp
+from llmserve.server.engines.llamacpp import engine as llamacpp
 
 real_model = llamacpp.LlamaModel
 
@@ -46,7 +46,7 @@ ExLlamaV2DynamicGenerator.construction_gate = threading.Event()
 """,
 }
 RUN = """
-from server.cli import main
+from llmserve.server.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -89,8 +89,8 @@ async def test_a_llamacpp_engine_outlives_another_one_closed_before_it() -> None
     # other model's close logged through freed memory and the process died (bus error).
     script = """
 import asyncio, gc
-from server.config import load_config
-from server.engines import create_engine
+from llmserve.server.config import load_config
+from llmserve.server.engines import create_engine
 
 config = load_config(environ={}, overrides={"llamacpp.context_per_sequence": "256"})
 first, second = create_engine(config), create_engine(config)

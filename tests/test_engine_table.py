@@ -14,14 +14,14 @@ from typing import get_type_hints
 
 import pytest
 
-from server.config import Config, ConfigError, engine_kinds, load_config
-from server.engines import ENGINES
+from llmserve.server.config import Config, ConfigError, engine_kinds, load_config
+from llmserve.server.engines import ENGINES
 
 ROOT = Path(__file__).parent.parent
 # What each engine brings in; no other engine may import it.
 HEAVY = {
-    "llamacpp": ("llama_cpp", "server.engines.llamacpp"),
-    "exllamav2": ("torch", "exllamav2", "server.engines.exllamav2"),
+    "llamacpp": ("llama_cpp", "llmserve.server.engines.llamacpp"),
+    "exllamav2": ("torch", "exllamav2", "llmserve.server.engines.exllamav2"),
     "synthetic": (),
 }
 
@@ -30,7 +30,7 @@ def test_every_engine_in_the_table_has_a_section_named_after_it() -> None:
     assert sorted(ENGINES) == sorted(engine_kinds())
     for kind, path in ENGINES.items():
         module, _, name = path.partition(":")
-        engine_class = getattr(import_module(module, "server.engines"), name)
+        engine_class = getattr(import_module(module, "llmserve.server.engines"), name)
         assert engine_class.kind == kind
         section = Config.model_fields[kind].annotation
         assert get_type_hints(engine_class.__init__)["settings"] is section
@@ -46,8 +46,8 @@ def test_an_unknown_kind_is_refused_naming_the_engines_there_are() -> None:
 
 CHOOSE = """
 import sys
-from server.config import load_config
-from server.engines import EngineError, create_engine
+from llmserve.server.config import load_config
+from llmserve.server.engines import EngineError, create_engine
 
 try:
     create_engine(load_config(environ={}, overrides={"engine.kind": sys.argv[1]}))
@@ -70,4 +70,4 @@ def test_choosing_an_engine_imports_no_other_engine(kind: str) -> None:
     imported = set(done.stdout.split())
     others = [name for other, names in HEAVY.items() if other != kind for name in names]
     assert not imported.intersection(others), done.stderr
-    assert f"server.engines.{kind}" in imported
+    assert f"llmserve.server.engines.{kind}" in imported

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sidecar.client import EventSender
-from sidecar.protocol import End, decode_datagram, encode_datagram, pack_event
-from sidecar.protocol_doc import BEGIN, END, render
+from llmserve.shared.client import EventSender
+from llmserve.shared.protocol import End, decode_datagram, encode_datagram, pack_event
+from llmserve.shared.protocol_doc import BEGIN, END, render
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
 
@@ -26,7 +26,7 @@ def an_end(**changes: object) -> End:
 def test_the_documented_wire_format_is_generated_from_the_definitions() -> None:
     text = DOC.read_text()
     committed = text[text.index(BEGIN) : text.index(END) + len(END)]
-    assert committed == render(), "run: python -m sidecar.protocol_doc"
+    assert committed == render(), "run: python -m llmserve.shared.protocol_doc"
 
 
 def test_a_sender_handed_what_cannot_be_packed_counts_it_and_never_raises(short_tmp: str) -> None:

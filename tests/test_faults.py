@@ -16,10 +16,10 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from server.app_keys import SERVICE, STATE
-from server.engines.base import Engine
-from server.keys import KeyStore
-from server.state_reporter import StateReporter
+from llmserve.server.app_keys import SERVICE, STATE
+from llmserve.server.engines.base import Engine
+from llmserve.server.keys import KeyStore
+from llmserve.server.state_reporter import StateReporter
 from tests.conftest import (
     Process,
     RedisServer,

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 import pytest
 from openai import AsyncOpenAI
 
-from server.engines import create_engine
-from server.engines.base import Engine
+from llmserve.server.engines import create_engine
+from llmserve.server.engines.base import Engine
 from tests.conftest import ServerFactory, make_config
 
 MODEL_DIR = os.environ.get("LLMSERVE_TEST_EXL2_MODEL")

@@ -15,12 +15,12 @@ from aiohttp.test_utils import TestClient
 from aiohttp.web import Application, Request
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.app import build_sidecar_app
-from sidecar.gpu import register_gpu_metrics
-from sidecar.metrics import Metrics
-from sidecar.recorder import Recorder
-from sidecar.request_log import RequestLog
-from sidecar.stats import RollingStats
+from llmserve.sidecar.app import build_sidecar_app
+from llmserve.sidecar.gpu import register_gpu_metrics
+from llmserve.sidecar.metrics import Metrics
+from llmserve.sidecar.recorder import Recorder
+from llmserve.sidecar.request_log import RequestLog
+from llmserve.sidecar.stats import RollingStats
 
 ClientFactory = Callable[[Application], Awaitable[TestClient[Request, Application]]]
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.gpu import GPU_METRICS
-from sidecar.metrics import Metrics
+from llmserve.sidecar.gpu import GPU_METRICS
+from llmserve.sidecar.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("generate", ROOT / "grafana" / "generate.py")

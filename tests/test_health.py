@@ -7,8 +7,8 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from aiohttp.test_utils import TestServer
 
-from server.app import build_app
-from server.app_keys import STATE
+from llmserve.server.app import build_app
+from llmserve.server.app_keys import STATE
 from tests.conftest import make_config, synthetic_engine
 
 

@@ -10,9 +10,9 @@ import aiohttp
 import openai
 import pytest
 
-from server.cli import main
-from server.keys import KeyFileError, KeyStore, read_keys
-from server.ratelimit.kinds import KINDS
+from llmserve.server.cli import main
+from llmserve.server.keys import KeyFileError, KeyStore, read_keys
+from llmserve.server.ratelimit.kinds import KINDS
 from tests.conftest import Process, ServerFactory, start, synthetic_engine
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from server.ratelimit.kinds import KINDS, kind, readme_table
+from llmserve.server.ratelimit.kinds import KINDS, kind, readme_table
 
 ROOT = Path(__file__).resolve().parent.parent
 

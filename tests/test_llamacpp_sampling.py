@@ -13,8 +13,8 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from server.engines.base import SamplingParams
-from server.engines.llamacpp.sampling import TokenSampler
+from llmserve.server.engines.base import SamplingParams
+from llmserve.server.engines.llamacpp.sampling import TokenSampler
 
 VOCAB = 49_152
 

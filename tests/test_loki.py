@@ -10,9 +10,9 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from sidecar.loki import LokiPusher
-from sidecar.metrics import Metrics
-from sidecar.request_log import RequestLog
+from llmserve.sidecar.loki import LokiPusher
+from llmserve.sidecar.metrics import Metrics
+from llmserve.sidecar.request_log import RequestLog
 from tests.conftest import free_port
 from tests.test_sidecar_events import end_event
 

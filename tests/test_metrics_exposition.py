@@ -14,8 +14,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar import key_metrics
-from sidecar.key_metrics import KeyCounter, KeyGauge, MetricsRegistry
+from llmserve.sidecar import key_metrics
+from llmserve.sidecar.key_metrics import KeyCounter, KeyGauge, MetricsRegistry
 from tests.conftest import SidecarStack
 from tests.test_sidecar_events import datagram, end_event, send_raw
 

@@ -6,7 +6,7 @@ import openai
 import pytest
 from aiohttp.test_utils import TestServer
 
-from server.protocol import (
+from llmserve.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     CompletionChunk,

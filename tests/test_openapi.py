@@ -9,7 +9,7 @@ import jsonschema
 from aiohttp.test_utils import TestServer
 from openapi_spec_validator import validate
 
-from server.handlers import routes
+from llmserve.server.handlers import routes
 
 
 async def fetch_json(server: TestServer, method: str, path: str, **kw: Any) -> Any:

@@ -7,7 +7,7 @@ import random
 
 from openai import AsyncOpenAI
 
-from server.engines.base import Engine, GenerationRequest, SamplingParams
+from llmserve.server.engines.base import Engine, GenerationRequest, SamplingParams
 from tests.conftest import ServerFactory
 
 WORDS = "river stone lantern orbit meadow copper violin harbor maple quartz"

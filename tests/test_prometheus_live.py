@@ -19,8 +19,8 @@ import aiohttp
 import pytest
 import yaml
 
-from server.cli import main
-from sidecar.gpu import GPU_METRICS
+from llmserve.server.cli import main
+from llmserve.sidecar.gpu import GPU_METRICS
 from tests.conftest import Process, free_port, start_synthetic_server
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,9 +14,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from server.keys import KeyEntry, KeyStore, hash_secret, write_keys
-from server.ratelimit import Limiter, MemoryLimiter
-from server.ratelimit.redis_limiter import RedisLimiter, connect
+from llmserve.server.keys import KeyEntry, KeyStore, hash_secret, write_keys
+from llmserve.server.ratelimit import Limiter, MemoryLimiter
+from llmserve.server.ratelimit.redis_limiter import RedisLimiter, connect
 from tests.conftest import (
     Process,
     RedisServer,
@@ -333,7 +333,7 @@ async def test_decisions_reach_the_sidecar(
 
 
 def test_redis_credentials_never_reach_the_log():
-    from server.runner import without_credentials
+    from llmserve.server.runner import without_credentials
 
     assert without_credentials("redis://:s3cret@10.0.0.5:6379/0") == "redis://***@10.0.0.5:6379/0"
     assert without_credentials("rediss://user:p@ss@host:6380") == "rediss://***@host:6380"

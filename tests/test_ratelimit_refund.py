@@ -11,10 +11,10 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from server.app_keys import SERVICE
-from server.keys import KeyEntry, KeyStore, hash_secret, write_keys
-from server.ratelimit import Decision, Limiter, LimiterUnavailable, MemoryLimiter
-from server.ratelimit.redis_limiter import RedisLimiter, connect
+from llmserve.server.app_keys import SERVICE
+from llmserve.server.keys import KeyEntry, KeyStore, hash_secret, write_keys
+from llmserve.server.ratelimit import Decision, Limiter, LimiterUnavailable, MemoryLimiter
+from llmserve.server.ratelimit.redis_limiter import RedisLimiter, connect
 from tests.conftest import RedisServer, ServerFactory, synthetic_engine
 from tests.test_request_life import until
 

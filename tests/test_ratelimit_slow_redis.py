@@ -29,11 +29,11 @@ from pydantic import ValidationError
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from server.app_keys import SERVICE
-from server.keys import KeyEntry, KeyStore, hash_secret
-from server.ratelimit import Limiter, LimiterUnavailable, MemoryLimiter, redis_limiter
-from server.ratelimit.redis_limiter import RedisLimiter, connect
-from server.ratelimit.redis_scripts import ADMIT, RENEW, SETTLE
+from llmserve.server.app_keys import SERVICE
+from llmserve.server.keys import KeyEntry, KeyStore, hash_secret
+from llmserve.server.ratelimit import Limiter, LimiterUnavailable, MemoryLimiter, redis_limiter
+from llmserve.server.ratelimit.redis_limiter import RedisLimiter, connect
+from llmserve.server.ratelimit.redis_scripts import ADMIT, RENEW, SETTLE
 from tests.conftest import RedisServer, ServerFactory, free_port, synthetic_engine
 from tests.test_ratelimit import SECRET, keys_file, post
 

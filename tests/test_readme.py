@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from server.config import env_var, field_names, flag
+from llmserve.server.config import env_var, field_names, flag
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -32,7 +32,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_every_exported_metric_is_documented():
-    from sidecar.metrics import Metrics
+    from llmserve.sidecar.metrics import Metrics
 
     documented = (ROOT / "docs" / "metrics.md").read_text()
     for family in Metrics().registry.collect():

@@ -24,10 +24,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.app import build_app
-from server.app_keys import SERVICE, STATE
-from server.engines.base import Engine
-from server.keys import KeyEntry, KeyStore, hash_secret, write_keys
+from llmserve.server.app import build_app
+from llmserve.server.app_keys import SERVICE, STATE
+from llmserve.server.engines.base import Engine
+from llmserve.server.keys import KeyEntry, KeyStore, hash_secret, write_keys
 from tests.conftest import (
     ExLlamaV2Factory,
     Process,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
-from server.cli import main
+from llmserve.server.cli import main
 from tests.conftest import LLMSERVE, Process, free_port, start_synthetic_server
 
 SIDECAR_TOKEN = "sidecar-token-4c1b9e"

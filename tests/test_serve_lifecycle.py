@@ -121,8 +121,8 @@ async def test_a_sidecar_child_slow_to_start_still_gets_every_event(
 # The llama.cpp engine, its model load made endless: the load runs on a worker thread.
 ENDLESS_LOAD = """
 import sys, time
-from server.cli import main
-from server.engines.llamacpp import LlamaCppEngine
+from llmserve.server.cli import main
+from llmserve.server.engines.llamacpp import LlamaCppEngine
 LlamaCppEngine._load_model = lambda self: time.sleep(3600)
 sys.exit(main())
 """

@@ -9,13 +9,13 @@ import aiohttp
 import msgspec
 import pytest
 
-from server.telemetry import RequestTelemetry
-from sidecar.client import EventSender
-from sidecar.ingest import open_event_socket
-from sidecar.metrics import Metrics
-from sidecar.protocol import decode_datagram, encode_datagram
-from sidecar.recorder import KeyNames, Recorder
-from sidecar.stats import RollingStats, quantile
+from llmserve.server.telemetry import RequestTelemetry
+from llmserve.shared.client import EventSender
+from llmserve.shared.protocol import decode_datagram, encode_datagram
+from llmserve.sidecar.ingest import open_event_socket
+from llmserve.sidecar.metrics import Metrics
+from llmserve.sidecar.recorder import KeyNames, Recorder
+from llmserve.sidecar.stats import RollingStats, quantile
 from tests.conftest import SidecarStack
 
 

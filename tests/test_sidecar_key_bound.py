@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
-from sidecar.metrics import Metrics
-from sidecar.recorder import Recorder
-from sidecar.stats import RollingStats
+from llmserve.sidecar.metrics import Metrics
+from llmserve.sidecar.recorder import Recorder
+from llmserve.sidecar.stats import RollingStats
 
 
 def test_the_configured_max_keys_is_exported() -> None:

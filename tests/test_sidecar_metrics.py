@@ -12,8 +12,8 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from server.app_keys import SERVICE, STATE
-from server.state_reporter import StateReporter
+from llmserve.server.app_keys import SERVICE, STATE
+from llmserve.server.state_reporter import StateReporter
 from tests.conftest import ServerFactory, SidecarStack, synthetic_engine
 from tests.test_metrics_exposition import promtool_check
 

@@ -8,7 +8,7 @@ import json
 import aiohttp
 from aiohttp.test_utils import TestServer
 
-from server.protocol import ChatCompletionChunk, ErrorResponse
+from llmserve.server.protocol import ChatCompletionChunk, ErrorResponse
 from tests.conftest import ServerFactory, synthetic_engine
 
 

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
-from server.keys import KeyEntry, hash_secret, write_keys
+from llmserve.server.keys import KeyEntry, hash_secret, write_keys
 from tests.conftest import (
     Process,
     ServerFactory,

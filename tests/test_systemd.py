@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.systemd_notify import SystemdNotifier
+from llmserve.shared.systemd_notify import SystemdNotifier
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ["llmserve.service", "llmserve-sidecar.service"]
@@ -67,7 +67,7 @@ async def test_server_reports_ready_after_the_model_and_stopping_on_sigterm(shor
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "server.cli",
+        "llmserve.server.cli",
         "serve",
         "--port",
         "0",

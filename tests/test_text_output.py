@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.engines.text_output import TextAssembler
+from llmserve.server.engines.text_output import TextAssembler
 
 
 def run(pieces: list[bytes], stops: tuple[str, ...]) -> tuple[str, bool]:

@@ -28,12 +28,12 @@ from typing import Any
 
 import aiohttp
 
-from server.engines.base import Completion
-from server.keys import KeyEntry
-from server.ratelimit import MemoryLimiter
-from server.ratelimit.admission import KeyAdmission
-from server.telemetry import RequestTelemetry
-from sidecar.client import EventSender
+from llmserve.server.engines.base import Completion
+from llmserve.server.keys import KeyEntry
+from llmserve.server.ratelimit import MemoryLimiter
+from llmserve.server.ratelimit.admission import KeyAdmission
+from llmserve.server.telemetry import RequestTelemetry
+from llmserve.shared.client import EventSender
 
 
 def progress(message: str) -> None:
@@ -114,7 +114,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     socket_path = f"{work}/ev.sock"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVE_")}
     proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "server.cli", "sidecar", "--sidecar-port", str(port)),
+        *(sys.executable, "-m", "llmserve.server.cli", "sidecar", "--sidecar-port", str(port)),
         *("--sidecar-socket-path", socket_path, "--sidecar-max-keys", str(args.keys)),
         env=env,
         stdout=asyncio.subprocess.DEVNULL,

@@ -32,9 +32,9 @@ from typing import Any
 
 import aiohttp
 
-from bench.load import Target, run_level
-from bench.report import summarize, table, write_chart
-from server.model_files import bundled_gguf
+from llmserve.bench.load import Target, run_level
+from llmserve.bench.report import summarize, table, write_chart
+from llmserve.server.model_files import bundled_gguf
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location(
@@ -61,7 +61,16 @@ def commands(args: argparse.Namespace, model: Path) -> dict[str, list[str]]:
     python = sys.executable
     return {
         "llmserve": [
-            *(python, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "{port}"),
+            *(
+                python,
+                "-m",
+                "llmserve.server.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "{port}",
+            ),
             *("--llamacpp-parallel", slots, "--llamacpp-threads", threads),
             *("--llamacpp-context-per-sequence", context, "--sidecar-port", "{port2}"),
         ],
@@ -128,8 +137,8 @@ class InProcess:
     name = "(a) engine in-process"
 
     def __init__(self, args: argparse.Namespace, target: Target) -> None:
-        from server.config import load_config
-        from server.engines import create_engine
+        from llmserve.server.config import load_config
+        from llmserve.server.engines import create_engine
 
         overrides = {
             "llamacpp.parallel": str(args.slots),

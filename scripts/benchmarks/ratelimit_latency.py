@@ -19,9 +19,9 @@ import sys
 import tempfile
 import time
 
-from server.keys import KeyEntry, hash_secret
-from server.ratelimit import Limiter, MemoryLimiter
-from server.ratelimit.redis_limiter import RedisLimiter, connect
+from llmserve.server.keys import KeyEntry, hash_secret
+from llmserve.server.ratelimit import Limiter, MemoryLimiter
+from llmserve.server.ratelimit.redis_limiter import RedisLimiter, connect
 
 KEY = KeyEntry(
     name="bench",

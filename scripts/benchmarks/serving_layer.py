@@ -31,8 +31,8 @@ from typing import Any
 
 import aiohttp
 
-from bench.load import Target, run_level
-from bench.report import summarize
+from llmserve.bench.load import Target, run_level
+from llmserve.bench.report import summarize
 
 HERE = Path(__file__).resolve().parent
 PYTHON = sys.executable
@@ -138,7 +138,16 @@ def stacks(pace: dict[str, str], key: str, keys_file: Path) -> list[Stack]:
         Stack(
             "llmserve (keys, limits, sidecar)",
             [
-                *(PYTHON, "-m", "server.cli", "serve", "--engine", "synthetic", "--port", "{port}"),
+                *(
+                    PYTHON,
+                    "-m",
+                    "llmserve.server.cli",
+                    "serve",
+                    "--engine",
+                    "synthetic",
+                    "--port",
+                    "{port}",
+                ),
                 *("--synthetic-parallel", "20000", "--synthetic-completion-tokens", pace["tokens"]),
                 *("--synthetic-first-token-seconds", pace["first"]),
                 *("--synthetic-token-interval-seconds", pace["interval"]),
@@ -181,7 +190,16 @@ def create_key(keys_file: Path) -> str:
     """A key whose limits are checked on every request but never reached."""
     created = subprocess.run(
         [
-            *(PYTHON, "-m", "server.cli", "keys", "--file", str(keys_file), "create", "bench"),
+            *(
+                PYTHON,
+                "-m",
+                "llmserve.server.cli",
+                "keys",
+                "--file",
+                str(keys_file),
+                "create",
+                "bench",
+            ),
             *("--rpm", "10000000", "--concurrency", "100000"),
         ],
         capture_output=True,

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import aiohttp
 
-from server.config import load_config
-from server.engines import create_engine
-from server.engines.base import Engine, GenerationRequest, SamplingParams
+from llmserve.server.config import load_config
+from llmserve.server.engines import create_engine
+from llmserve.server.engines.base import Engine, GenerationRequest, SamplingParams
 
 PROMPT = "Write a long story about a dragon who learns to bake bread."
 
@@ -138,7 +138,7 @@ class ThroughServer:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "server.cli",
+            "llmserve.server.cli",
             "serve",
             "--port",
             "0",

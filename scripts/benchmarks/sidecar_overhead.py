@@ -24,7 +24,7 @@ import time
 
 import aiohttp
 
-from sidecar.protocol import Gaps, encode_datagram, pack_event
+from llmserve.shared.protocol import Gaps, encode_datagram, pack_event
 
 
 def progress(message: str) -> None:
@@ -46,7 +46,7 @@ async def start(*args: str) -> tuple[asyncio.subprocess.Process, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "server.cli",
+        "llmserve.server.cli",
         *args,
         env=env,
         stdout=pipe if sidecar else devnull,

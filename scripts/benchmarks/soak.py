@@ -30,7 +30,7 @@ from typing import Any
 
 import aiohttp
 
-LLMSERVE = [sys.executable, "-m", "server.cli"]
+LLMSERVE = [sys.executable, "-m", "llmserve.server.cli"]
 EXPECTED = {200, 400, 401, 429}
 
 

@@ -11,8 +11,8 @@ from collections.abc import Callable, Mapping
 from importlib import import_module
 from typing import Final
 
-from server.config import Config
-from server.engines.base import Engine, EngineError
+from llmserve.server.config import Config
+from llmserve.server.engines.base import Engine, EngineError
 
 __all__ = ["ENGINES", "Engine", "EngineError", "create_engine"]
 

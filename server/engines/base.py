@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, TypeVar
 
-from server.chat_template import ChatTemplate
-from server.engines.fault import WorkerFault
+from llmserve.server.chat_template import ChatTemplate
+from llmserve.server.engines.fault import WorkerFault
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 _T = TypeVar("_T")

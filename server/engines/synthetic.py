@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import zlib
 
-from server.chat_template import CHATML_TEMPLATE, ChatTemplate
-from server.config import SyntheticSection
-from server.engines.base import (
+from llmserve.server.chat_template import CHATML_TEMPLATE, ChatTemplate
+from llmserve.server.config import SyntheticSection
+from llmserve.server.engines.base import (
     Engine,
     FinishReason,
     Generation,
@@ -22,7 +22,7 @@ from server.engines.base import (
     TokenDelta,
     now_ns,
 )
-from server.engines.text_output import TextAssembler
+from llmserve.server.engines.text_output import TextAssembler
 
 _WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
 VOCAB_SIZE = 50_000

@@ -9,7 +9,7 @@ state between replicas, atomically, with one Lua script per decision.
 
 from __future__ import annotations
 
-from server.ratelimit.base import Decision, Limiter, LimiterUnavailable, Reservation
-from server.ratelimit.memory import MemoryLimiter
+from llmserve.server.ratelimit.base import Decision, Limiter, LimiterUnavailable, Reservation
+from llmserve.server.ratelimit.memory import MemoryLimiter
 
 __all__ = ["Decision", "Limiter", "LimiterUnavailable", "MemoryLimiter", "Reservation"]

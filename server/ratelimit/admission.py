@@ -7,11 +7,11 @@ import asyncio
 import logging
 import time
 
-from server.errors import RateLimited, ServiceUnavailable
-from server.keys import KeyEntry
-from server.ratelimit.base import Decision, Limiter, LimiterUnavailable, Reservation
-from server.ratelimit.kinds import KINDS, kind
-from sidecar.client import EventSender
+from llmserve.server.errors import RateLimited, ServiceUnavailable
+from llmserve.server.keys import KeyEntry
+from llmserve.server.ratelimit.base import Decision, Limiter, LimiterUnavailable, Reservation
+from llmserve.server.ratelimit.kinds import KINDS, kind
+from llmserve.shared.client import EventSender
 
 __all__ = ["KeyAdmission"]
 

@@ -7,11 +7,11 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from server.ratelimit.kinds import KINDS, kind
+from llmserve.server.ratelimit.kinds import KINDS, kind
 
 if TYPE_CHECKING:
     # Only for annotations: server.keys reads the table of kinds from this package.
-    from server.keys import KeyEntry
+    from llmserve.server.keys import KeyEntry
 
 __all__ = ["Bucket", "Decision", "Limiter", "LimiterUnavailable", "Reservation", "refunds"]
 

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from server.ratelimit.base import (
+from llmserve.server.ratelimit.base import (
     Decision,
     Limiter,
     Reservation,
@@ -17,7 +17,7 @@ from server.ratelimit.base import (
 )
 
 if TYPE_CHECKING:
-    from server.keys import KeyEntry
+    from llmserve.server.keys import KeyEntry
 
 __all__ = ["MemoryLimiter"]
 

@@ -33,8 +33,8 @@ from redis.exceptions import AskError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from server.keys import KeyEntry
-from server.ratelimit.base import (
+from llmserve.server.keys import KeyEntry
+from llmserve.server.ratelimit.base import (
     Decision,
     Limiter,
     LimiterUnavailable,
@@ -43,7 +43,7 @@ from server.ratelimit.base import (
     buckets_for,
     refunds,
 )
-from server.ratelimit.redis_scripts import ADMIT, RENEW, SETTLE
+from llmserve.server.ratelimit.redis_scripts import ADMIT, RENEW, SETTLE
 
 __all__ = ["RedisLimiter", "connect"]
 

@@ -5,7 +5,7 @@ generator's result stages and keys, (1, n) token_ids, eos and timings only on a 
 text held back for partial stop strings, cancel, the page budget that makes enqueue() assert, and
 the constructor checks. Every behaviour cites the library file and line it comes from. `install`
 puts it (and a sliver of torch) into sys.modules for one test, which is how the engine's import
-seam, `server.engines.exllamav2.library.load_library`, finds it.
+seam, `llmserve.server.engines.exllamav2.library.load_library`, finds it.
 """
 
 from __future__ import annotations

@@ -6,6 +6,6 @@ and `files` reads what the library does not from the model directory. Importing 
 imports neither torch nor exllamav2: only building the engine does.
 """
 
-from server.engines.exllamav2.engine import ExLlamaV2Engine
+from llmserve.server.engines.exllamav2.engine import ExLlamaV2Engine
 
 __all__ = ["ExLlamaV2Engine"]

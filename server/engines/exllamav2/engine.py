@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from server.chat_template import CHATML_TEMPLATE, ChatTemplate
-from server.config import ExLlamaV2Section
-from server.engines.base import (
+from llmserve.server.chat_template import CHATML_TEMPLATE, ChatTemplate
+from llmserve.server.config import ExLlamaV2Section
+from llmserve.server.engines.base import (
     Completion,
     Engine,
     EngineError,
@@ -38,11 +38,11 @@ from server.engines.base import (
     now_ns,
     require_loaded,
 )
-from server.engines.exllamav2.files import ModelFiles, read_model_files
-from server.engines.exllamav2.jobs import new_job
-from server.engines.exllamav2.library import Library, load_library
-from server.engines.exllamav2.loader import LoadedModel, load_model, max_batch_size
-from server.engines.fault import describe
+from llmserve.server.engines.exllamav2.files import ModelFiles, read_model_files
+from llmserve.server.engines.exllamav2.jobs import new_job
+from llmserve.server.engines.exllamav2.library import Library, load_library
+from llmserve.server.engines.exllamav2.loader import LoadedModel, load_model, max_batch_size
+from llmserve.server.engines.fault import describe
 
 __all__ = ["ExLlamaV2Engine"]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.engines.base import EngineError
+from llmserve.server.engines.base import EngineError
 
 __all__ = ["ModelFiles", "read_model_files"]
 

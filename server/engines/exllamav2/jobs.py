@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from server.engines.base import SamplingParams
+from llmserve.server.engines.base import SamplingParams
 
 __all__ = ["new_job", "sampler_settings", "stop_conditions"]
 

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from server.engines.base import EngineError
+from llmserve.server.engines.base import EngineError
 
 __all__ = ["SUPPORTED_VERSION", "Library", "load_library"]
 

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from server.config import ExLlamaV2Section
-from server.engines.exllamav2.library import Library
+from llmserve.server.config import ExLlamaV2Section
+from llmserve.server.engines.exllamav2.library import Library
 
 __all__ = ["PAGE_TOKENS", "LoadedModel", "load_model", "max_batch_size"]
 

@@ -4,6 +4,6 @@
 API, and `sampling` picks each next token with NumPy from llama.cpp's logits.
 """
 
-from server.engines.llamacpp.engine import LlamaCppEngine
+from llmserve.server.engines.llamacpp.engine import LlamaCppEngine
 
 __all__ = ["LlamaCppEngine"]

@@ -25,9 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.chat_template import CHATML_TEMPLATE, ChatTemplate
-from server.config import LlamaCppSection
-from server.engines.base import (
+from llmserve.server.chat_template import CHATML_TEMPLATE, ChatTemplate
+from llmserve.server.config import LlamaCppSection
+from llmserve.server.engines.base import (
     Completion,
     Engine,
     EngineError,
@@ -43,10 +43,10 @@ from server.engines.base import (
     now_ns,
     require_loaded,
 )
-from server.engines.llamacpp.model import ContextShape, LlamaModel
-from server.engines.llamacpp.sampling import TokenSampler
-from server.engines.text_output import TextAssembler
-from server.model_files import ModelNotFound, bundled_gguf
+from llmserve.server.engines.llamacpp.model import ContextShape, LlamaModel
+from llmserve.server.engines.llamacpp.sampling import TokenSampler
+from llmserve.server.engines.text_output import TextAssembler
+from llmserve.server.model_files import ModelNotFound, bundled_gguf
 
 log = logging.getLogger("llmserve.engine")
 

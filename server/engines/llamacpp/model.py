@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from server.engines.base import EngineError
+from llmserve.server.engines.base import EngineError
 
 log = logging.getLogger("llmserve.llamacpp")
 

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from server.engines.base import SamplingParams
+from llmserve.server.engines.base import SamplingParams
 
 __all__ = ["TokenSampler"]
 

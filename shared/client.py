@@ -1,6 +1,6 @@
 """The server's side of the event socket: numbered, batched, never blocking, never raising.
 
-`send()` packs an event (bounded by its definition in sidecar.protocol) and queues it; everything
+`send()` packs an event (bounded by its definition in shared.protocol) and queues it; everything
 sent within 50 ms goes out together, in as few datagrams as fit. If the sidecar is down,
 restarting or slow (its socket is full), events wait in a bounded buffer and go out in order once
 it is back; when the buffer is full the oldest are dropped and counted. An event that can never
@@ -20,7 +20,7 @@ import uuid
 from collections import deque
 from typing import Any
 
-from sidecar.protocol import (
+from llmserve.shared.protocol import (
     EVENT_TYPES,
     HEADER_BYTES,
     MAX_DATAGRAM_BYTES,

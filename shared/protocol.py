@@ -8,7 +8,7 @@ datagram is already-packed events behind a small header. Free text and lists hav
 sender cuts what is longer (text ends in `TRUNCATED`), the receiver refuses what is longer, and
 an event that still cannot be packed, or is too large for a datagram alone, is never sent (the
 sender counts it). Durations are nanoseconds of the server's monotonic clock. docs/metrics.md
-carries a description generated from these definitions (`python -m sidecar.protocol_doc`).
+carries a description generated from these definitions (`python -m llmserve.shared.protocol_doc`).
 """
 
 from __future__ import annotations
