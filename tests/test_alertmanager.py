@@ -27,6 +27,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import Process, free_port, start, start_synthetic_server
+from tests.daemons import Daemon
 from tests.test_docker_compose import mounts, services
 from tests.test_prometheus_live import (
     RULE_FILES,
@@ -130,7 +131,7 @@ def alerts_in(notification: dict[str, Any], status: str = "firing") -> set[str]:
     return {a["labels"]["alertname"] for a in notification["alerts"] if a["status"] == status}
 
 
-class Alertmanager:
+class Alertmanager(Daemon):
     """Debian's prometheus-alertmanager with the shipped config, sped up and sending to a URL."""
 
     def __init__(self, directory: Path, webhook_url: str) -> None:
@@ -142,41 +143,18 @@ class Alertmanager:
         for receiver in config["receivers"]:
             for hook in receiver.get("webhook_configs", []):
                 hook["url"] = f"{webhook_url}/{receiver['name']}"
+        super().__init__(directory)
         self.config = directory / "alertmanager.yml"
         self.config.write_text(yaml.safe_dump(config))
-        self.directory = directory
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
-        binary = shutil.which("prometheus-alertmanager")
-        assert binary, "scripts/setup --test installs Debian's prometheus-alertmanager"
-        self.proc = await asyncio.create_subprocess_exec(
-            binary,
+        await self.launch(
+            "prometheus-alertmanager",
+            "prometheus-alertmanager",
             f"--config.file={self.config}",
             f"--storage.path={self.directory / 'alertmanager-data'}",
-            f"--web.listen-address=127.0.0.1:{self.port}",
             "--cluster.listen-address=",
-            "--log.level=warn",
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
         )
-        async with aiohttp.ClientSession() as session:
-            for _ in range(300):
-                try:
-                    async with session.get(f"{self.url}/-/ready") as response:
-                        if response.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise AssertionError("Alertmanager did not become ready")
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
 
     async def post(self, *alerts: dict[str, Any]) -> None:
         async with aiohttp.ClientSession() as session:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import yaml
 from server.cli import main
 from sidecar.gpu import GPU_METRICS
 from tests.conftest import Process, free_port, start_synthetic_server
+from tests.daemons import Daemon
 
 ROOT = Path(__file__).resolve().parent.parent
 RULE_FILES = sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
@@ -77,7 +77,7 @@ def variable_queries(label: str | None = None) -> list[str]:
     return sorted(metrics)
 
 
-class Prometheus:
+class Prometheus(Daemon):
     """Debian's prometheus binary on a free loopback port, with llmserve's rule files."""
 
     def __init__(
@@ -89,8 +89,7 @@ class Prometheus:
         **settings: Any,
     ) -> None:
         """`settings` go into the configuration beside the scrape job (e.g. `alerting`)."""
-        self.port = free_port()
-        self.directory = directory
+        super().__init__(directory)
         targets = [f"127.0.0.1:{port}" for port in sidecar_ports]
         config = {
             "global": {
@@ -107,28 +106,17 @@ class Prometheus:
         }
         self.config = directory / "prometheus.yml"
         self.config.write_text(yaml.safe_dump(config))
-        self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
-        binary = shutil.which("prometheus")
-        assert binary, "prometheus is missing: scripts/setup --test installs Debian's package"
-        self.proc = await asyncio.create_subprocess_exec(
-            binary,
+        await self.launch(
+            "prometheus",
+            "prometheus",
             f"--config.file={self.config}",
             f"--storage.tsdb.path={self.directory / 'data'}",
-            f"--web.listen-address=127.0.0.1:{self.port}",
-            "--log.level=warn",
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
         )
 
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-
     async def query(self, session: aiohttp.ClientSession, expr: str) -> dict[str, Any]:
-        url = f"http://127.0.0.1:{self.port}/api/v1/query"
+        url = f"{self.url}/api/v1/query"
         async with session.post(url, data={"query": expr}) as response:
             return dict(await response.json())
 
@@ -136,7 +124,7 @@ class Prometheus:
         self, session: aiohttp.ClientSession, label: str, selector: str
     ) -> list[str]:
         """What Grafana's label_values(selector, label) asks Prometheus for."""
-        url = f"http://127.0.0.1:{self.port}/api/v1/label/{label}/values"
+        url = f"{self.url}/api/v1/label/{label}/values"
         async with session.get(url, params={"match[]": selector}) as response:
             answer = await response.json()
         assert answer["status"] == "success", f"{selector}: {answer.get('error')}"
