@@ -33,6 +33,7 @@ from tests.test_prometheus_live import (
     RULE_FILES,
     SHIPPED_CONFIG,
     Prometheus,
+    chat,
     rules,
     wait_until_all_answer,
 )
@@ -166,6 +167,15 @@ class Alertmanager(Daemon):
             async with session.get(f"{self.url}/api/v2/alerts") as response:
                 return list(await response.json())
 
+    async def wait_for_state(self, alertname: str) -> dict[str, Any]:
+        """The status of the alert named so, once Prometheus has sent it here."""
+        for _ in range(600):
+            for alert in await self.alerts():
+                if alert["labels"]["alertname"] == alertname:
+                    return dict(alert["status"])
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{alertname} never reached Alertmanager")
+
 
 @pytest.fixture
 async def webhook(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Webhook:
@@ -241,19 +251,18 @@ def quick_rules(directory: Path) -> list[Path]:
 
 
 async def start_replica(
-    processes: list[Process], socket_path: str, sidecar_port: int | None = None
-) -> Process:
+    processes: list[Process], socket_path: str, *server_args: str, sidecar_port: int | None = None
+) -> tuple[Process, str]:
     """A synthetic server reporting to a sidecar of its own (started too, given its port), so
-    the server can die while its sidecar stays up and says so."""
+    the server can die while its sidecar stays up and says so. Returns it and its base URL."""
     if sidecar_port is not None:
         sidecar = await start(
             *("sidecar", "--sidecar-port", str(sidecar_port), "--sidecar-socket-path", socket_path)
         )
         processes.append(sidecar)
-    server, _ = await start_synthetic_server(
-        processes, "--sidecar-spawn", "false", "--sidecar-socket-path", socket_path
+    return await start_synthetic_server(
+        processes, "--sidecar-spawn", "false", "--sidecar-socket-path", socket_path, *server_args
     )
-    return server
 
 
 async def test_a_replica_that_dies_pages_once_with_its_runbook_and_resolves(
@@ -263,12 +272,19 @@ async def test_a_replica_that_dies_pages_once_with_its_runbook_and_resolves(
     alertmanager: Alertmanager,
     webhook: Webhook,
 ) -> None:
+    """Replica 0 dies and comes back. Replica 1 lives, but answers its first token after 2.5 s:
+    its requests, sent while replica 0 is down, make the fleet's latency alerts fire, which
+    Alertmanager holds back until the down alert resolves."""
     sidecar_ports = [free_port(), free_port()]
     sockets = [f"{short_tmp}/ev{replica}.sock" for replica in range(2)]
-    servers = [
-        await start_replica(processes, *pair) for pair in zip(sockets, sidecar_ports, strict=True)
-    ]
-    dying = f"127.0.0.1:{sidecar_ports[0]}"
+    dying, _ = await start_replica(processes, sockets[0], sidecar_port=sidecar_ports[0])
+    _, slow = await start_replica(
+        processes,
+        sockets[1],
+        *("--synthetic-first-token-seconds", "2.5", "--synthetic-completion-tokens", "5"),
+        sidecar_port=sidecar_ports[1],
+    )
+    instance = f"127.0.0.1:{sidecar_ports[0]}"
     sending = dict(SHIPPED_CONFIG["alerting"])
     sending["alertmanagers"] = [
         {"static_configs": [{"targets": [f"127.0.0.1:{alertmanager.port}"]}]}
@@ -278,33 +294,50 @@ async def test_a_replica_that_dies_pages_once_with_its_runbook_and_resolves(
     )
     await prometheus.start()
     try:
-        both_reporting = [("both replicas", "count(llm_servers_reporting == 1) == 2")]
         async with aiohttp.ClientSession() as session:
+            both_reporting = [("both replicas", "count(llm_servers_reporting == 1) == 2")]
             assert await wait_until_all_answer(prometheus, session, both_reporting) == []
 
-        servers[0].proc.kill()
-        await servers[0].proc.wait()
-        stopped = time.monotonic()
-        page = await webhook.wait_for(lambda n: "LlmserveServerDown" in alerts_in(n))
-        print(f"\nserver stopped -> page at the webhook: {page['arrived'] - stopped:.1f} s")
-        assert page["receiver"] == "page" and page["groupLabels"] == {"instance": dying}
-        (down,) = (a for a in page["alerts"] if a["labels"]["alertname"] == "LlmserveServerDown")
-        runbook = SHIPPED_CONFIG["global"]["external_labels"]["runbook_base"]
-        assert down["annotations"]["runbook_url"] == f"{runbook}#llmserveserverdown"
-        assert (
-            down["labels"]["severity"] == "critical" and dying in down["annotations"]["description"]
-        )
+            dying.proc.kill()
+            await dying.proc.wait()
+            stopped = time.monotonic()
+            page = await webhook.wait_for(lambda n: "LlmserveServerDown" in alerts_in(n))
+            print(f"\nserver stopped -> page at the webhook: {page['arrived'] - stopped:.1f} s")
+            assert page["receiver"] == "page" and page["groupLabels"] == {"instance": instance}
+            (down,) = (
+                a for a in page["alerts"] if a["labels"]["alertname"] == "LlmserveServerDown"
+            )
+            runbook = SHIPPED_CONFIG["global"]["external_labels"]["runbook_base"]
+            assert down["annotations"]["runbook_url"] == f"{runbook}#llmserveserverdown"
+            assert down["labels"]["severity"] == "critical"
+            assert instance in down["annotations"]["description"]
 
-        await start_replica(processes, sockets[0])
-        resolved = await webhook.wait_for(
-            lambda n: "LlmserveServerDown" in alerts_in(n, "resolved")
-        )
-        assert resolved["groupLabels"] == {"instance": dying}
+            # Twice, the second after Prometheus has the new series, so it sees them rise.
+            assert {200} == set(await asyncio.gather(*(chat(session, slow, "-") for _ in range(4))))
+            seen = [("TTFT series", "llm_time_to_first_token_seconds_count > 0")]
+            assert await wait_until_all_answer(prometheus, session, seen) == []
+            assert {200} == set(await asyncio.gather(*(chat(session, slow, "-") for _ in range(4))))
+            ttft_high = 'ALERTS{alertname="LlmserveTimeToFirstTokenHigh", alertstate="firing"}'
+            assert await wait_until_all_answer(prometheus, session, [("TTFT", ttft_high)]) == []
+            held_back = await alertmanager.wait_for_state("LlmserveTimeToFirstTokenHigh")
+            assert held_back["state"] == "suppressed" and held_back["inhibitedBy"]
+
+            restarted = time.monotonic()
+            await start_replica(processes, sockets[0])
+            resolved = await webhook.wait_for(
+                lambda n: "LlmserveServerDown" in alerts_in(n, "resolved")
+            )
+            assert resolved["groupLabels"] == {"instance": instance}
+            await webhook.wait_for(lambda n: "LlmserveTimeToFirstTokenHigh" in alerts_in(n))
     finally:
         await prometheus.stop()
 
     pages = [n for n in webhook.notifications if "LlmserveServerDown" in alerts_in(n)]
     assert pages == [page], "the down alert was sent more than once"
-    assert not [n for n in webhook.notifications if n["groupLabels"].get("instance") != dying]
     silenced = inhibited_names()
-    assert not [n for n in webhook.notifications if alerts_in(n) & silenced]
+    early = [
+        n for n in webhook.notifications if alerts_in(n) & silenced and n["arrived"] < restarted
+    ]
+    assert not early, "a latency alert was sent while the down alert fired"
+    # Nothing about the replica that stayed up: its alerts are the fleet's, with no instance.
+    assert {n["groupLabels"].get("instance") for n in webhook.notifications} <= {instance, None}
