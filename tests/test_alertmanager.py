@@ -96,7 +96,9 @@ def test_compose_runs_the_alertmanager_that_prometheus_sends_to() -> None:
     assert "--config.file=/etc/alertmanager/alertmanager.yml" in alertmanager["command"]
     (listen,) = (a for a in alertmanager["command"] if a.startswith("--web.listen-address="))
     (target,) = SHIPPED_CONFIG["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
-    assert listen == f"--web.listen-address={target}"
+    assert listen == f"--web.listen-address={target}" and target.startswith("127.0.0.1:")
+    # One Alertmanager: no gossip port open to the network.
+    assert "--cluster.listen-address=" in alertmanager["command"]
 
 
 class Webhook:
