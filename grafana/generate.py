@@ -16,6 +16,7 @@ PROM = {"type": "prometheus", "uid": "${datasource}"}
 LOKI = {"type": "loki", "uid": "${loki}"}
 SEL = 'model=~"$model"'
 KEY = 'key=~"$key"'
+INST = 'instance=~"$instance"'
 RI = "$__rate_interval"
 TOP_KEYS = 10
 # Prometheus bucket series as a heatmap: Grafana de-accumulates the cumulative `le` buckets and
@@ -23,7 +24,7 @@ TOP_KEYS = 10
 HEATMAP = {"format": "heatmap"}
 
 
-def _variables(with_model: bool, with_key: bool) -> list[dict[str, Any]]:
+def _variables(with_model: bool, with_key: bool, with_instance: bool) -> list[dict[str, Any]]:
     def query(name: str, metric: str, label: str) -> dict[str, Any]:
         return {
             "name": name,
@@ -59,6 +60,10 @@ def _variables(with_model: bool, with_key: bool) -> list[dict[str, Any]]:
         variables.append(query("model", "llm_requests_total", "model"))
     if with_key:
         variables.append(query("key", "llm_key_requests_total", "key"))
+    # Every sidecar Prometheus scrapes, up or down: one Prometheus watches a whole fleet, and a
+    # replica that stopped answering is the one to pick.
+    if with_instance:
+        variables.append(query("instance", 'up{job="llmserve-sidecar"}', "instance"))
     return variables
 
 
@@ -92,10 +97,16 @@ def _annotations() -> dict[str, Any]:
 
 class Board:
     def __init__(
-        self, uid: str, title: str, *, with_model: bool = True, with_key: bool = False
+        self,
+        uid: str,
+        title: str,
+        *,
+        with_model: bool = True,
+        with_key: bool = False,
+        with_instance: bool = False,
     ) -> None:
         self.uid, self.title = uid, title
-        self.with_model, self.with_key = with_model, with_key
+        self.with_model, self.with_key, self.with_instance = with_model, with_key, with_instance
         self.panels: list[dict[str, Any]] = []
         self._x = self._y = 0
 
@@ -154,7 +165,7 @@ class Board:
             "refresh": "30s",
             "time": {"from": "now-6h", "to": "now"},
             "timezone": "browser",
-            "templating": {"list": _variables(self.with_model, self.with_key)},
+            "templating": {"list": _variables(self.with_model, self.with_key, self.with_instance)},
             "annotations": _annotations(),
             "panels": self.panels,
         }
@@ -173,7 +184,7 @@ def quantiles(metric: str) -> list[tuple[str, str]]:
 
 
 def overview() -> Board:
-    b = Board("llmserve-overview", "llmserve / Overview")
+    b = Board("llmserve-overview", "llmserve / Overview", with_instance=True)
     b.panel(
         "Requests per second by status",
         "timeseries",
@@ -248,7 +259,7 @@ def overview() -> Board:
         "Servers reporting",
         "stat",
         "short",
-        [("sum(llm_servers_reporting)", "servers")],
+        [(f"sum by (instance) (llm_servers_reporting{{{INST}}})", "{{instance}}")],
         width=6,
         height=4,
     )
@@ -256,7 +267,12 @@ def overview() -> Board:
         "Sidecar uptime",
         "stat",
         "s",
-        [('time() - process_start_time_seconds{job="llmserve-sidecar"}', "{{instance}}")],
+        [
+            (
+                f'time() - process_start_time_seconds{{job="llmserve-sidecar", {INST}}}',
+                "{{instance}}",
+            )
+        ],
         width=6,
         height=4,
     )
@@ -278,13 +294,13 @@ def overview() -> Board:
         "GPU utilisation",
         "timeseries",
         "percentunit",
-        [("llm_gpu_utilization_ratio", "GPU {{gpu}} {{instance}}")],
+        [(f"llm_gpu_utilization_ratio{{{INST}}}", "GPU {{gpu}} {{instance}}")],
     )
     b.panel(
         "GPU memory in use",
         "timeseries",
         "bytes",
-        [("llm_gpu_memory_used_bytes", "GPU {{gpu}} {{instance}}")],
+        [(f"llm_gpu_memory_used_bytes{{{INST}}}", "GPU {{gpu}} {{instance}}")],
     )
     return b
 
