@@ -103,10 +103,11 @@ async def test_a_retry_after_retry_after_is_admitted(
     serve: ServerFactory, short_tmp: str, limiter_factory: Callable[[], Limiter]
 ):
     server = await limited_server(serve, short_tmp, limiter_factory(), rpm=60)
-    results = await asyncio.gather(*(post(server) for _ in range(61)))
+    # More than the bucket holds; on a slow machine it may refill a request or two meanwhile.
+    results = await asyncio.gather(*(post(server) for _ in range(70)))
     refused = [h for s, h, _ in results if s == 429]
-    assert len(refused) == 1
-    await asyncio.sleep(int(refused[0]["retry-after-ms"]) / 1000)
+    assert refused
+    await asyncio.sleep(max(int(h["retry-after-ms"]) for h in refused) / 1000)
     assert (await post(server))[0] == 200
 
 

@@ -218,17 +218,17 @@ class SandboxedUnit:
                 yield from ("--dev-bind", node, node)
         else:
             yield from ("--dev-bind", "/dev", "/dev")
+        # What the unit's command runs from here stays visible where a directive hides its
+        # folder: the venv's interpreter (this machine's is under /root/.pyenv; an install's is
+        # /usr) and the checkout with the venv (in a real install, /opt/llmserve).
+        kept = (Path(sys.base_prefix), ROOT)
         if unit.flag("ProtectHome"):
             yield from ("--tmpfs", "/home", "--tmpfs", "/root")
-            # This machine's venv runs an interpreter from /root/.pyenv; an install's is /usr.
-            prefix = Path(sys.base_prefix)
-            if prefix.is_relative_to("/home") or prefix.is_relative_to("/root"):
-                for above in reversed(prefix.parents[:-2]):
-                    yield from ("--perms", "0755", "--dir", str(above))
-                yield from ("--ro-bind", str(prefix), str(prefix))
+            yield from _keep_visible(kept, ("/home", "/root"))
             yield from ("--remount-ro", "/home", "--remount-ro", "/root")
         if unit.flag("PrivateTmp"):
             yield from ("--tmpfs", "/tmp", "--tmpfs", "/var/tmp")
+            yield from _keep_visible(kept, ("/tmp", "/var/tmp"))
         for key, host, parent in UNIT_DIRECTORIES:
             if unit.get(key):
                 yield from ("--tmpfs", parent, "--bind", str(self.directory(host)))
@@ -365,3 +365,12 @@ def describe(code: int | None) -> str:
     if code is not None and code > 128:
         return f"killed by {signal.Signals(code - 128).name}"
     return "still running" if code is None else "exited"
+
+
+def _keep_visible(paths: tuple[Path, ...], hidden: tuple[str, ...]) -> Iterator[str]:
+    """bubblewrap arguments that bind `paths` back, read-only, into the `hidden` folders."""
+    for path in paths:
+        if any(path.is_relative_to(folder) for folder in hidden):
+            for above in reversed(path.parents[:-2]):
+                yield from ("--perms", "0755", "--dir", str(above))
+            yield from ("--ro-bind", str(path), str(path))
