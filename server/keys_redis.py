@@ -115,6 +115,7 @@ class RedisKeyStore(KeyTable):
         # Until the first read succeeds the table is empty and counts as stale from startup.
         self._last_read = time.monotonic()
         self._stale = True
+        self._complained = False
 
     def stale_seconds(self) -> float | None:
         return time.monotonic() - self._last_read if self._stale else None
@@ -128,19 +129,19 @@ class RedisKeyStore(KeyTable):
         try:
             raw = await asyncio.wait_for(self.client.hgetall(KEYS_HASH), _READ_TIMEOUT_SECONDS)
         except (RedisError, OSError, TimeoutError) as exc:
-            if not self._stale:
+            if not self._complained:
                 log.error(
                     "cannot read the API keys from Redis (%s); serving the %d keys read before "
                     "until it answers, and no others",
                     type(exc).__name__,
                     len(self),
                 )
-            self._stale = True
+            self._stale = self._complained = True
             return False
         self.replace(parse_entries(raw))
         if self._stale:
             log.info("read %d API keys from Redis", len(self))
-        self._stale = False
+        self._stale = self._complained = False
         self._last_read = time.monotonic()
         return True
 

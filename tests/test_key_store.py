@@ -16,14 +16,19 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from aiohttp.test_utils import TestServer
 
+from llmserve.server.app_keys import SERVICE, STATE
 from llmserve.server.cli import main
 from llmserve.server.keys import read_keys
 from llmserve.server.keys_redis import KEYS_HASH, USED_HASH, RedisKeyStore
+from llmserve.server.state_reporter import StateReporter
+from llmserve.shared.client import EventSender
 from tests.conftest import (
     Process,
     RedisServer,
     ServerFactory,
+    SidecarStack,
     start,
     start_synthetic_server,
     synthetic_engine,
@@ -56,11 +61,13 @@ async def within(seconds: float, check: Callable[[], Awaitable[bool]]) -> float:
     return time.monotonic() - started
 
 
-async def serve_with(serve: ServerFactory, store: RedisKeyStore) -> str:
-    """An in-process server (a replica) that checks keys against `store`; its base URL."""
+async def serve_with(
+    serve: ServerFactory, store: RedisKeyStore, events: EventSender | None = None
+) -> tuple[TestServer, str]:
+    """An in-process server (a replica) that checks keys against `store`, and its base URL."""
     engine = synthetic_engine(completion_tokens="2")
-    server = await serve(engine, keys=store, **{"engine.kind": "synthetic"})
-    return str(server.make_url("")).rstrip("/")
+    server = await serve(engine, keys=store, events=events, **{"engine.kind": "synthetic"})
+    return server, str(server.make_url("")).rstrip("/")
 
 
 @pytest.fixture
@@ -144,7 +151,7 @@ async def test_a_missed_change_notice_is_caught_by_the_periodic_reread(
     secret = keys(redis_server, "create", "acme", capsys=capsys)
     other = keys(redis_server, "create", "globex", capsys=capsys)
     store = await watched(0.5)
-    base = await serve_with(serve, store)
+    _, base = await serve_with(serve, store)
     assert await status(base, secret) == 200
 
     # The subscription is killed just as the key is revoked: the notice goes nowhere.
@@ -172,15 +179,19 @@ async def _subscribed(client: Any) -> bool:
     return bool(counts and counts[0][1] >= 1)
 
 
-async def test_redis_paused_leaves_the_last_keys_in_force_and_ready_says_so(
+async def test_redis_paused_leaves_the_last_keys_in_force_and_says_so(
     redis_server: RedisServer,
     serve: ServerFactory,
+    sidecar_stack: SidecarStack,
     watched: Callable[[float], Awaitable[RedisKeyStore]],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     secret = keys(redis_server, "create", "acme", capsys=capsys)
     store = await watched(0.2)
-    base = await serve_with(serve, store)
+    events = sidecar_stack.sender()
+    server, base = await serve_with(serve, store, events)
+    service = server.app[SERVICE]
+    reporter = StateReporter(events, service.engine, service.gate, server.app[STATE])
     assert redis_server.process is not None
 
     async def ready() -> dict[str, Any]:
@@ -190,12 +201,19 @@ async def test_redis_paused_leaves_the_last_keys_in_force_and_ready_says_so(
                 body: dict[str, Any] = await r.json()
                 return body
 
+    async def stale_metric(expected: float) -> bool:
+        reporter.report()
+        samples = await sidecar_stack.samples()
+        return samples.get(("llm_keys_store_stale", ()), -1) == expected
+
     assert await ready() == {"status": "ready"}
+    await within(5.0, lambda: stale_metric(0))
     redis_server.process.send_signal(signal.SIGSTOP)
     try:
         await within(10.0, lambda: _stale(store))
         body = await ready()
         assert body["status"] == "ready" and body["keys_stale_seconds"] >= 0
+        await within(5.0, lambda: stale_metric(1))
         # The request path does not wait on Redis: the known key works, an unknown one does not.
         assert await status(base, secret) == 200
         assert await status(base, "sk-not-a-key") == 401
@@ -203,6 +221,8 @@ async def test_redis_paused_leaves_the_last_keys_in_force_and_ready_says_so(
         redis_server.process.send_signal(signal.SIGCONT)
     await within(10.0, lambda: _fresh(store))
     assert await ready() == {"status": "ready"}
+    await within(5.0, lambda: stale_metric(0))
+    events.close()
 
 
 async def _stale(store: RedisKeyStore) -> bool:
