@@ -2,10 +2,13 @@
 
 Layout: the hash `llmserve:keys` maps each key name to its entry as JSON (the SHA-256 of its
 secret or secrets, never a secret), `llmserve:keys:used` maps names to when each was last used
-(to the minute, written by each server at most once a minute, never per request), and every
-change is announced on the channel `llmserve:keys:changed`. A server re-reads the whole hash
-when told and every `auth.reload_seconds` anyway, so a lost message (a dropped subscription, a
-hand-made HDEL) delays a revocation by at most that long. When Redis cannot be read the server
+(to the minute, written by each server at most once a minute, never per request), every change
+increments `llmserve:keys:version` and is announced on the channel `llmserve:keys:changed`. A
+server re-reads the whole hash when told; every `auth.reload_seconds` it reads the version (one
+small GET, where re-reading 10,000 keys would hold its event loop for tens of milliseconds) and
+re-reads the hash when it moved, so a lost message delays a revocation by at most that long; and
+every 30 s it re-reads the hash regardless, for edits made by hand without the version. When
+Redis cannot be read the server
 keeps the keys it read last, and says how long ago that was (`stale_seconds`); it never falls
 back to accepting keys it does not know. An entry that is not valid (written by hand, by another
 version, or garbage) is logged and skipped; the others still load.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -27,12 +31,21 @@ from redis.exceptions import RedisError
 
 from llmserve.server.keys import KeyEntry, KeyTable, invalid_fields
 
-__all__ = ["CHANNEL", "KEYS_HASH", "USED_HASH", "RedisKeyStore", "RedisKeysAdmin", "parse_entries"]
+__all__ = [
+    "CHANNEL",
+    "KEYS_HASH",
+    "USED_HASH",
+    "VERSION",
+    "RedisKeyStore",
+    "RedisKeysAdmin",
+    "parse_entries",
+]
 
 log = logging.getLogger("llmserve.keys")
 
 KEYS_HASH = "llmserve:keys"
 USED_HASH = "llmserve:keys:used"
+VERSION = "llmserve:keys:version"
 CHANNEL = "llmserve:keys:changed"
 # A real entry is a few hundred bytes; anything far larger was not written by `llmserve keys`.
 _MAX_ENTRY_BYTES = 16 * 1024
@@ -91,6 +104,7 @@ class RedisKeysAdmin:
     def put(self, entry: KeyEntry) -> None:
         with self.client.pipeline() as pipe:
             pipe.hset(KEYS_HASH, entry.name, entry.model_dump_json())
+            pipe.incr(VERSION)
             pipe.publish(CHANNEL, entry.name)
             pipe.execute()
 
@@ -98,6 +112,7 @@ class RedisKeysAdmin:
         with self.client.pipeline() as pipe:
             pipe.hdel(KEYS_HASH, name)
             pipe.hdel(USED_HASH, name)
+            pipe.incr(VERSION)
             pipe.publish(CHANNEL, name)
             pipe.execute()
 
@@ -108,14 +123,20 @@ class RedisKeysAdmin:
 class RedisKeyStore(KeyTable):
     """The keys in Redis, as one server sees them: re-read when announced and periodically."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, *, full_read_seconds: float = 30.0) -> None:
         super().__init__()
         self.client = client
+        self.full_read_seconds = full_read_seconds
+        self._version: bytes | None = None
+        self._full_read_at = -math.inf
         self._changed = asyncio.Event()
         # Until the first read succeeds the table is empty and counts as stale from startup.
         self._last_read = time.monotonic()
         self._stale = True
         self._complained = False
+        self._listening = False
+        # What the last read returned: an unchanged hash (the usual case) is not parsed again.
+        self._raw: dict[bytes, bytes] | None = None
 
     def stale_seconds(self) -> float | None:
         return time.monotonic() - self._last_read if self._stale else None
@@ -124,10 +145,21 @@ class RedisKeyStore(KeyTable):
         self._changed.set()
         return True
 
-    async def refresh(self) -> bool:
-        """Read every key; on failure keep the keys read before and become stale."""
+    async def refresh(self, *, full: bool = True) -> bool:
+        """Read the keys (unless `full` is False and the version has not moved); on failure keep
+        the keys read before and become stale."""
         try:
-            raw = await asyncio.wait_for(self.client.hgetall(KEYS_HASH), _READ_TIMEOUT_SECONDS)
+            # The version first: a change made between the two reads shows in the hash now and
+            # in the version next time, never in neither.
+            version = await asyncio.wait_for(self.client.get(VERSION), _READ_TIMEOUT_SECONDS)
+            due = time.monotonic() - self._full_read_at >= self.full_read_seconds
+            if full or due or version != self._version:
+                raw = await asyncio.wait_for(self.client.hgetall(KEYS_HASH), _READ_TIMEOUT_SECONDS)
+                self._full_read_at = time.monotonic()
+                if raw != self._raw:
+                    self.replace(parse_entries(raw))
+                    self._raw = raw
+            self._version = version
         except (RedisError, OSError, TimeoutError) as exc:
             if not self._complained:
                 log.error(
@@ -138,7 +170,6 @@ class RedisKeyStore(KeyTable):
                 )
             self._stale = self._complained = True
             return False
-        self.replace(parse_entries(raw))
         if self._stale:
             log.info("read %d API keys from Redis", len(self))
         self._stale = self._complained = False
@@ -153,16 +184,22 @@ class RedisKeyStore(KeyTable):
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
+            # A stopping server records the uses of its last minute.
+            await self.write_usage()
 
     async def _poll(self, seconds: float) -> None:
         usage_due = time.monotonic() + _USAGE_WRITE_SECONDS
+        notified = True
         while True:
-            await self.refresh()
+            await self.refresh(full=notified)
             if time.monotonic() >= usage_due:
                 await self.write_usage()
                 usage_due = time.monotonic() + _USAGE_WRITE_SECONDS
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._changed.wait(), seconds)
+                notified = True
+            except TimeoutError:
+                notified = False
             self._changed.clear()
 
     async def _listen(self) -> None:
@@ -171,6 +208,7 @@ class RedisKeyStore(KeyTable):
             pubsub = self.client.pubsub()
             try:
                 await pubsub.subscribe(CHANNEL)
+                self._listening = True
                 # Whatever changed while unsubscribed was missed: read it all again.
                 self._changed.set()
                 while True:
@@ -178,9 +216,12 @@ class RedisKeyStore(KeyTable):
                     if message is not None:
                         self._changed.set()
             except (RedisError, OSError) as exc:
-                log.warning(
-                    "API key change notices from Redis interrupted (%s)", type(exc).__name__
-                )
+                # Once per outage: the re-read every auth.reload_seconds keeps the keys current.
+                if self._listening:
+                    log.warning(
+                        "API key change notices from Redis interrupted (%s)", type(exc).__name__
+                    )
+                self._listening = False
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()

@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestServer
 from llmserve.server.app_keys import SERVICE, STATE
 from llmserve.server.cli import main
 from llmserve.server.keys import read_keys
-from llmserve.server.keys_redis import KEYS_HASH, USED_HASH, RedisKeyStore
+from llmserve.server.keys_redis import KEYS_HASH, USED_HASH, VERSION, RedisKeyStore
 from llmserve.server.state_reporter import StateReporter
 from llmserve.shared.client import EventSender
 from tests.conftest import (
@@ -34,7 +34,8 @@ from tests.conftest import (
     synthetic_engine,
 )
 
-BODY = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}]}
+# One token at once: an answer takes no time, so a check loop sees a change when it happens.
+BODY = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 
 
 def keys(redis_server: RedisServer, *args: str, capsys: pytest.CaptureFixture[str]) -> str:
@@ -78,12 +79,13 @@ async def client(redis_server: RedisServer) -> AsyncIterator[Any]:
 
 
 @pytest.fixture
-async def watched(client: Any) -> AsyncIterator[Callable[[float], Awaitable[RedisKeyStore]]]:
-    """watched(reload_seconds) -> a RedisKeyStore kept current as a server keeps it."""
+async def watched(client: Any) -> AsyncIterator[Callable[..., Awaitable[RedisKeyStore]]]:
+    """watched(reload_seconds, full_read_seconds=30) -> a RedisKeyStore kept current as a
+    server keeps it."""
     tasks: list[asyncio.Task[None]] = []
 
-    async def make(seconds: float) -> RedisKeyStore:
-        store = RedisKeyStore(client)
+    async def make(seconds: float, full_read_seconds: float = 30.0) -> RedisKeyStore:
+        store = RedisKeyStore(client, full_read_seconds=full_read_seconds)
         tasks.append(asyncio.create_task(store.watch(seconds)))
         await within(5, lambda: _fresh(store))
         return store
@@ -129,7 +131,10 @@ async def test_a_revoke_on_one_replica_is_refused_by_the_others_within_a_second(
     # A long periodic re-read: only the change notice can make it within a second.
     shared = ("--auth-store", "redis", "--auth-redis-url", redis_server.url)
     quiet = ("--auth-reload-seconds", "60", "--sidecar-spawn", "false", "--sidecar-events", "false")
-    replicas = [(await start_synthetic_server(processes, *shared, *quiet))[1] for _ in range(3)]
+    instant = ("--synthetic-first-token-seconds", "0")
+    replicas = [
+        (await start_synthetic_server(processes, *shared, *quiet, *instant))[1] for _ in range(3)
+    ]
     secret = keys(redis_server, "create", "acme", capsys=capsys)
 
     async def everywhere(expected: int) -> bool:
@@ -145,7 +150,7 @@ async def test_a_missed_change_notice_is_caught_by_the_periodic_reread(
     redis_server: RedisServer,
     client: Any,
     serve: ServerFactory,
-    watched: Callable[[float], Awaitable[RedisKeyStore]],
+    watched: Callable[..., Awaitable[RedisKeyStore]],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     secret = keys(redis_server, "create", "acme", capsys=capsys)
@@ -159,11 +164,27 @@ async def test_a_missed_change_notice_is_caught_by_the_periodic_reread(
     keys(redis_server, "revoke", "acme", capsys=capsys)
     await within(2.0, lambda: _refused(base, secret))
 
-    # With the subscription back, a key deleted by hand (no notice at all) goes too.
+    # With the subscription back, a key deleted by hand, announced only by the version, goes.
     await within(5.0, lambda: _subscribed(client))
     assert await status(base, other) == 200
     await client.hdel(KEYS_HASH, "globex")
+    await client.incr(VERSION)
     await within(2.0, lambda: _refused(base, other))
+
+
+async def test_a_hand_edit_without_version_or_notice_is_caught_by_the_full_reread(
+    redis_server: RedisServer,
+    client: Any,
+    serve: ServerFactory,
+    watched: Callable[..., Awaitable[RedisKeyStore]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    secret = keys(redis_server, "create", "acme", capsys=capsys)
+    store = await watched(0.2, full_read_seconds=1.0)
+    _, base = await serve_with(serve, store)
+    assert await status(base, secret) == 200
+    await client.hdel(KEYS_HASH, "acme")
+    await within(3.0, lambda: _refused(base, secret))
 
 
 async def _refused(base: str, secret: str) -> bool:
@@ -183,7 +204,7 @@ async def test_redis_paused_leaves_the_last_keys_in_force_and_says_so(
     redis_server: RedisServer,
     serve: ServerFactory,
     sidecar_stack: SidecarStack,
-    watched: Callable[[float], Awaitable[RedisKeyStore]],
+    watched: Callable[..., Awaitable[RedisKeyStore]],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     secret = keys(redis_server, "create", "acme", capsys=capsys)
