@@ -323,3 +323,52 @@ async def test_keys_names_that_are_not_utf8_are_refused_in_redis_too(
     assert main(command) == 1
     assert "not a valid key" in capsys.readouterr().err
     assert await client.hgetall(KEYS_HASH) == {}
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"x-api-key: sk-\xff\xfe", b"Authorization: Bearer \xc3\x28sk", b"x-api-key: \xe2\x82"],
+)
+async def test_secrets_that_are_not_utf8_get_a_401(
+    redis_server: RedisServer,
+    serve: ServerFactory,
+    watched: Callable[..., Awaitable[RedisKeyStore]],
+    capsys: pytest.CaptureFixture[str],
+    header: bytes,
+) -> None:
+    keys(redis_server, "create", "acme", capsys=capsys)
+    store = await watched(1.0)
+    server, _ = await serve_with(serve, store)
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    payload = b'{"model": "synthetic", "messages": [{"role": "user", "content": "hi"}]}'
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + header
+        + f"\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+        + payload
+    )
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+    assert b'"code": "invalid_api_key"' in answer or b'"code":"invalid_api_key"' in answer
+
+
+async def test_an_expired_key_in_redis_is_refused_on_every_replica_saying_so(
+    redis_server: RedisServer,
+    serve: ServerFactory,
+    watched: Callable[..., Awaitable[RedisKeyStore]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    secret = keys(redis_server, "create", "acme", "--expires", "1d", capsys=capsys)
+    stores = [await watched(1.0) for _ in range(2)]
+    bases = [(await serve_with(serve, store))[1] for store in stores]
+    assert [await status(base, secret) for base in bases] == [200, 200]
+    keys(redis_server, "set", "acme", "--expires", "now", capsys=capsys)
+    for base in bases:
+        await within(1.0, lambda b=base: _refused(b, secret))  # type: ignore[misc]
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{base}/v1/chat/completions", json=BODY, headers={"x-api-key": secret}
+            ) as r:
+                error = (await r.json())["error"]
+        assert error["code"] == "expired_api_key" and "expired at" in error["message"]
