@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestServer
 from llmserve.server.app_keys import SERVICE, STATE
 from llmserve.server.cli import main
 from llmserve.server.keys import read_keys
-from llmserve.server.keys_redis import KEYS_HASH, USED_HASH, VERSION, RedisKeyStore
+from llmserve.server.keys_redis import CHANNEL, KEYS_HASH, USED_HASH, VERSION, RedisKeyStore
 from llmserve.server.state_reporter import StateReporter
 from llmserve.shared.client import EventSender
 from tests.conftest import (
@@ -191,12 +191,8 @@ async def _refused(base: str, secret: str) -> bool:
     return await status(base, secret) == 401
 
 
-async def _accepted(base: str, secret: str) -> bool:
-    return await status(base, secret) == 200
-
-
 async def _subscribed(client: Any) -> bool:
-    counts = await client.pubsub_numsub("llmserve:keys:changed")
+    counts = await client.pubsub_numsub(CHANNEL)
     return bool(counts and counts[0][1] >= 1)
 
 
