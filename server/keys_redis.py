@@ -8,10 +8,9 @@ server re-reads the whole hash when told; every `auth.reload_seconds` it reads t
 small GET, where re-reading 10,000 keys would hold its event loop for tens of milliseconds) and
 re-reads the hash when it moved, so a lost message delays a revocation by at most that long; and
 every 30 s it re-reads the hash regardless, for edits made by hand without the version. When
-Redis cannot be read the server
-keeps the keys it read last, and says how long ago that was (`stale_seconds`); it never falls
-back to accepting keys it does not know. An entry that is not valid (written by hand, by another
-version, or garbage) is logged and skipped; the others still load.
+Redis cannot be read the server keeps the keys it read last, and says how long ago that was
+(`stale_seconds`); it never falls back to accepting keys it does not know. An entry that is not
+valid (written by hand, by another version, or garbage) is logged and skipped; the others load.
 """
 
 from __future__ import annotations
