@@ -4,9 +4,9 @@ The secret itself is shown once, when `llmserve keys create` makes it, and never
 is found by the hash of the presented secret and confirmed with a constant-time comparison. A
 key may expire, and while it is being rotated it has a second (previous) secret that is accepted
 until a given time. `KeyTable` is the lookup every store shares; `KeyStore` fills it from the TOML
-keys file, re-read when it changes or on SIGHUP. Requests already running keep the entry they
-started with, so a reload never drops a stream, and a revoked key is refused from the next
-request on.
+keys file, re-read when it changes or on SIGHUP, and notes last use beside it (never in it).
+Requests already running keep the entry they started with, so a reload never drops a stream,
+and a revoked key is refused from the next request on.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import os
 import secrets
 import stat
+import time
 import tomllib
 from abc import ABC, abstractmethod
 from datetime import UTC, datetime
@@ -47,12 +49,15 @@ __all__ = [
     "hash_secret",
     "invalid_fields",
     "new_secret",
+    "read_usage",
+    "used_now",
 ]
 
 log = logging.getLogger("llmserve.keys")
 
 Limit = Annotated[int, Field(ge=1)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+_USAGE_WRITE_SECONDS = 60.0
 _HEADER = (
     "# llmserve API keys: names, SHA-256 hashes of the secrets, models and limits.\n"
     "# The secrets were shown once, when each key was created. Keep this file mode 600.\n"
@@ -165,15 +170,49 @@ def write_keys(path: Path, entries: dict[str, KeyEntry]) -> None:
             for name, entry in sorted(entries.items())
         }
     }
+    _replace(path, _HEADER + tomli_w.dumps(body))
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write `path` atomically, created with mode 600."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write(_HEADER + tomli_w.dumps(body))
+        out.write(text)
     os.replace(temporary, path)
+
+
+def usage_path(keys_file: Path) -> Path:
+    """Where servers note when each key of a keys file was last used (never the file itself,
+    which is the operator's)."""
+    return keys_file.with_name(f"{keys_file.name}.last-used.json")
+
+
+def read_usage(keys_file: Path) -> dict[str, str]:
+    """Name -> last use; empty if nothing was recorded or the record is unreadable."""
+    try:
+        data = json.loads(usage_path(keys_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(name): str(when) for name, when in data.items()}
+
+
+def _add_usage(keys_file: Path, names: set[str], stamp: str) -> None:
+    _replace(
+        usage_path(keys_file),
+        json.dumps({**read_usage(keys_file), **dict.fromkeys(names, stamp)}, sort_keys=True),
+    )
 
 
 def created_now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def used_now() -> str:
+    """Last use, to the minute: coarse on purpose (one write a minute per server at most)."""
+    return datetime.now(UTC).isoformat(timespec="minutes")
 
 
 class _Secret(NamedTuple):
@@ -185,13 +224,14 @@ class _Secret(NamedTuple):
 class KeyTable(ABC):
     """The keys in effect, looked up by the hash of a presented secret, wherever they come from.
 
-    Last use is noted in memory only (a dict write per request, never I/O): a store that can
-    keep it (Redis) writes it out now and then, coarsely.
+    Last use is noted in memory per request (a set insertion, never I/O) and written out by the
+    store at most once every _USAGE_WRITE_SECONDS, off the request path.
     """
 
     def __init__(self) -> None:
         self._by_hash: dict[str, _Secret] = {}
         self.used: set[str] = set()
+        self._usage_due = time.monotonic() + _USAGE_WRITE_SECONDS
 
     def __len__(self) -> int:
         return len({secret.entry.name for secret in self._by_hash.values()})
@@ -216,6 +256,18 @@ class KeyTable(ABC):
     def reload(self) -> bool:
         """Re-read now (SIGHUP); False if the keys loaded before are kept."""
 
+    @abstractmethod
+    async def _write_usage(self, names: set[str], stamp: str) -> None:
+        """Record that these keys were used at `stamp`; a failure is logged, never raised."""
+
+    async def record_usage(self, *, now: bool = False) -> None:
+        """Write out the keys used since the last write, if one is due (or `now`)."""
+        if not self.used or not (now or time.monotonic() >= self._usage_due):
+            return
+        used, self.used = self.used, set()
+        self._usage_due = time.monotonic() + _USAGE_WRITE_SECONDS
+        await self._write_usage(used, used_now())
+
     def stale_seconds(self) -> float | None:
         """Seconds since the store was last read successfully, when it could not be since."""
         return None
@@ -239,6 +291,7 @@ class KeyStore(KeyTable):
         super().__init__()
         self.path = path
         self._signature: tuple[int, int] | None = None
+        self._usage_failing = False
         self.load()
 
     def load(self) -> None:
@@ -260,9 +313,29 @@ class KeyStore(KeyTable):
 
     async def watch(self, seconds: float) -> None:
         # A changed file is noticed within `seconds`; SIGHUP reloads at once.
-        while True:
-            await asyncio.sleep(seconds)
-            self.reload_if_changed()
+        try:
+            while True:
+                await asyncio.sleep(seconds)
+                self.reload_if_changed()
+                await self.record_usage()
+        finally:
+            await self.record_usage(now=True)
+
+    async def _write_usage(self, names: set[str], stamp: str) -> None:
+        try:
+            await asyncio.to_thread(_add_usage, self.path, names, stamp)
+        except OSError as exc:
+            # Said once: a read-only directory (a sandboxed unit's /etc) stays read-only.
+            if not self._usage_failing:
+                log.warning(
+                    "cannot record when API keys were last used in %s (%s); `llmserve keys "
+                    "list` shows no last use until it can",
+                    usage_path(self.path),
+                    exc.strerror or exc,
+                )
+            self._usage_failing = True
+        else:
+            self._usage_failing = False
 
     def reload(self) -> bool:
         try:

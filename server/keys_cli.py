@@ -27,6 +27,7 @@ from llmserve.server.keys import (
     invalid_fields,
     new_secret,
     read_keys,
+    read_usage,
     write_keys,
 )
 from llmserve.server.keys_redis import RedisKeysAdmin
@@ -64,8 +65,7 @@ class _FileKeys:
         write_keys(self.path, entries)
 
     def last_used(self) -> dict[str, str]:
-        # A file is never written by the server, so it cannot know.
-        return {}
+        return read_usage(self.path)
 
     def close(self) -> None:
         pass
@@ -264,7 +264,7 @@ def _describe(entry: KeyEntry, last_used: str | None) -> str:
     expires = entry.expires.isoformat() if entry.expires else "never"
     text = (
         f"{entry.name}: {limits}; {models}; created {entry.created or '?'}; expires {expires}; "
-        f"last used {last_used or 'never (or not recorded)'}"
+        f"last used {last_used or 'never'}"
     )
     if entry.previous_expires is not None:
         text += f"; previous secret valid until {entry.previous_expires.isoformat()}"

@@ -21,7 +21,6 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -49,7 +48,6 @@ CHANNEL = "llmserve:keys:changed"
 # A real entry is a few hundred bytes; anything far larger was not written by `llmserve keys`.
 _MAX_ENTRY_BYTES = 16 * 1024
 _READ_TIMEOUT_SECONDS = 2.0
-_USAGE_WRITE_SECONDS = 60.0
 _RESUBSCRIBE_SECONDS = 1.0
 
 
@@ -79,11 +77,6 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, UnicodeDecodeError):
         return "its name is not UTF-8"
     return str(exc)
-
-
-def used_now() -> str:
-    """Last use, to the minute: coarse on purpose (one write a minute per server at most)."""
-    return datetime.now(UTC).isoformat(timespec="minutes")
 
 
 class RedisKeysAdmin:
@@ -184,16 +177,13 @@ class RedisKeyStore(KeyTable):
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
             # A stopping server records the uses of its last minute.
-            await self.write_usage()
+            await self.record_usage(now=True)
 
     async def _poll(self, seconds: float) -> None:
-        usage_due = time.monotonic() + _USAGE_WRITE_SECONDS
         notified = True
         while True:
             await self.refresh(full=notified)
-            if time.monotonic() >= usage_due:
-                await self.write_usage()
-                usage_due = time.monotonic() + _USAGE_WRITE_SECONDS
+            await self.record_usage()
             try:
                 await asyncio.wait_for(self._changed.wait(), seconds)
                 notified = True
@@ -226,17 +216,12 @@ class RedisKeyStore(KeyTable):
                     await pubsub.aclose()
             await asyncio.sleep(_RESUBSCRIBE_SECONDS)
 
-    async def write_usage(self) -> None:
-        """Record, to the minute, which keys were used since the last write."""
-        if not self.used:
-            return
-        used, self.used = self.used, set()
-        stamp = used_now()
+    async def _write_usage(self, names: set[str], stamp: str) -> None:
         try:
             await asyncio.wait_for(
-                self.client.hset(USED_HASH, mapping=dict.fromkeys(used, stamp)),
+                self.client.hset(USED_HASH, mapping=dict.fromkeys(names, stamp)),
                 _READ_TIMEOUT_SECONDS,
             )
         except (RedisError, OSError, TimeoutError):
             # Not worth a retry loop: these keys are noted again at their next use.
-            log.warning("could not record the last use of %d API keys in Redis", len(used))
+            log.warning("could not record the last use of %d API keys in Redis", len(names))

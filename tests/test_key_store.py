@@ -289,7 +289,7 @@ async def test_last_use_is_recorded_coarsely_and_listed(
         assert store.authenticate(secret) is not None
     # No write per request: nothing reaches Redis until the periodic write.
     assert await client.hgetall(USED_HASH) == {}
-    await store.write_usage()
+    await store.record_usage(now=True)
     used = await client.hgetall(USED_HASH)
     assert list(used) == [b"acme"]
     assert re.fullmatch(rb"\d{4}-\d\d-\d\dT\d\d:\d\d\+00:00", used[b"acme"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from contextlib import nullcontext
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -272,3 +273,46 @@ def test_bad_keys_commands_get_a_message_not_a_traceback(
     error = capsys.readouterr().err
     assert "Traceback" not in error and error.strip()
     assert list(read_keys(path)) == ["acme"]
+
+
+async def test_last_use_is_noted_beside_the_keys_file_at_most_once_a_minute(
+    serve: ServerFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "keys.toml"
+    secret = keys(path, "create", "acme", capsys=capsys)
+    keys(path, "create", "idle", capsys=capsys)
+    before = path.read_bytes()
+    store = KeyStore(path)
+    engine = synthetic_engine(completion_tokens="2")
+    server = await serve(engine, keys=store, **{"engine.kind": "synthetic"})
+    for _ in range(3):
+        assert (await _status(server, secret))[0] == 200
+    # No write per request, and none before a minute has passed.
+    await store.record_usage()
+    record = tmp_path / "keys.toml.last-used.json"
+    assert not record.exists()
+    await store.record_usage(now=True)
+    assert oct(record.stat().st_mode & 0o777) == "0o600"
+    assert path.read_bytes() == before
+    listed = dict(line.split(":", 1) for line in keys(path, "list", capsys=capsys).splitlines())
+    assert re.search(r"last used \d{4}-\d\d-\d\dT\d\d:\d\d\+00:00", listed["acme"])
+    assert "last used never" in listed["idle"]
+    # A damaged record costs the column, not the command.
+    record.write_bytes(b"\xff[")
+    assert "last used never" in keys(path, "list", capsys=capsys)
+
+
+async def test_a_last_use_record_that_cannot_be_written_is_said_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "keys.toml"
+    secret = keys(path, "create", "acme", capsys=capsys)
+    # What a read-only /etc does to the write, even for root: the record's name is taken.
+    (tmp_path / "keys.toml.last-used.json").mkdir()
+    store = KeyStore(path)
+    for _ in range(3):
+        assert store.authenticate(secret) is not None
+        await store.record_usage(now=True)
+    warnings = [r for r in caplog.records if "cannot record when API keys" in r.message]
+    assert len(warnings) == 1
+    assert "last used never" in keys(path, "list", capsys=capsys)
