@@ -8,6 +8,7 @@ import asyncio
 import logging
 import re
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -368,3 +369,35 @@ async def test_an_expired_key_in_redis_is_refused_on_every_replica_saying_so(
             ) as r:
                 error = (await r.json())["error"]
         assert error["code"] == "expired_api_key" and "expired at" in error["message"]
+
+
+def test_keys_commands_with_redis_unreachable_say_so(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"redis://:hunter2@127.0.0.1:{probe.getsockname()[1]}/0"
+        assert main(["keys", "--store", "redis", "--redis-url", url, "list"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("llmserve keys: Redis: ConnectionError")
+    assert "Traceback" not in error and "hunter2" not in error
+
+
+async def test_a_server_that_cannot_reach_its_key_store_at_startup_takes_no_key(
+    processes: list[Process],
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"redis://:hunter2@127.0.0.1:{probe.getsockname()[1]}/0"
+        server, base = await start_synthetic_server(
+            processes,
+            *("--auth-store", "redis", "--auth-redis-url", url),
+            *("--sidecar-spawn", "false", "--sidecar-events", "false"),
+        )
+        await server.wait_for_line("cannot read the API keys from Redis")
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{base}/ready") as r:
+                body = await r.json()
+        assert r.status == 200 and body["keys_stale_seconds"] >= 0
+        assert await status(base, "sk-anything") == 401
+    assert not any("hunter2" in line for line in server.log)
