@@ -157,8 +157,11 @@ def read_keys(path: Path) -> dict[str, KeyEntry]:
     for name, fields in (data.get("keys") or {}).items():
         try:
             entries[name] = KeyEntry.model_validate({**fields, "name": name})
-        except (ValidationError, TypeError) as exc:
-            raise KeyFileError(f"keys file {path}: key {name!r} is invalid: {exc}") from None
+        except ValidationError as exc:
+            reason = invalid_fields(exc)
+            raise KeyFileError(f"keys file {path}: key {name!r} is invalid: {reason}") from None
+        except TypeError:
+            raise KeyFileError(f"keys file {path}: key {name!r} is not a table") from None
     return entries
 
 

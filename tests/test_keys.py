@@ -316,3 +316,14 @@ async def test_a_last_use_record_that_cannot_be_written_is_said_once(
     warnings = [r for r in caplog.records if "cannot record when API keys" in r.message]
     assert len(warnings) == 1
     assert "last used never" in keys(path, "list", capsys=capsys)
+
+
+def test_an_invalid_entry_is_named_without_repeating_what_it_holds(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text('[keys.acme]\nsha256 = "sk-LEAKED-SECRET"\nnote = "sk-ANOTHER"\n')
+    path.chmod(0o600)
+    with pytest.raises(KeyFileError) as refused:
+        read_keys(path)
+    message = str(refused.value)
+    assert "'acme' is invalid" in message and "sha256" in message and "note" in message
+    assert "sk-" not in message
