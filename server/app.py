@@ -11,7 +11,7 @@ from llmserve.server.auth import AuthState
 from llmserve.server.config import Config
 from llmserve.server.engines.base import Engine
 from llmserve.server.handlers import routes
-from llmserve.server.keys import KeyStore
+from llmserve.server.keys import KeyTable
 from llmserve.server.middlewares import error_middleware
 from llmserve.server.openapi import build_openapi
 from llmserve.server.ratelimit import Limiter, MemoryLimiter
@@ -28,7 +28,7 @@ def build_app(
     config: Config,
     *,
     events: EventSender | None = None,
-    keys: KeyStore | None = None,
+    keys: KeyTable | None = None,
     limiter: Limiter | None = None,
 ) -> web.Application:
     settings = config.server
@@ -44,6 +44,8 @@ def build_app(
     state = app[STATE] = ServerState(
         engine_healthy=lambda: engine.healthy, engine_failed=lambda: engine.failed
     )
+    if keys is not None:
+        state.keys_stale_seconds = keys.stale_seconds
     app[BODY_TIMEOUT] = settings.body_timeout_seconds
     app[AUTH] = AuthState(keys)
     limits = KeyAdmission(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from llmserve.server.errors import Unauthorized
-from llmserve.server.keys import KeyEntry, KeyStore
+from llmserve.server.keys import KeyEntry, KeyExpired, KeyTable
 
 __all__ = ["ANONYMOUS", "AuthState", "is_loopback"]
 
@@ -22,7 +22,7 @@ ANONYMOUS = KeyEntry.model_validate({"name": "anonymous", "sha256": "0" * 64})
 
 @dataclass
 class AuthState:
-    store: KeyStore | None
+    store: KeyTable | None
 
     def authenticate(self, request: web.Request) -> KeyEntry:
         if self.store is None:
@@ -36,7 +36,13 @@ class AuthState:
             )
         # Keys are printable ASCII; anything else (bytes that were not UTF-8 arrive as surrogate
         # escapes) can match no key, and must not reach the hashing as text it cannot encode.
-        entry = self.store.authenticate(secret) if _plain(secret) else None
+        try:
+            entry = self.store.authenticate(secret) if _plain(secret) else None
+        except KeyExpired as exc:
+            raise Unauthorized(
+                f"This API key expired at {exc.at.isoformat()}; ask for a new one.",
+                code="expired_api_key",
+            ) from None
         if entry is None:
             raise Unauthorized("Incorrect API key provided.", code="invalid_api_key")
         return entry

@@ -93,14 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    default_file = None
-    if not args.file:
-        try:
-            default_file = load_config(args.config).auth.keys_file
-        except ConfigError as exc:
-            print(f"llmserve: {exc}", file=sys.stderr)
-            return 2
-    return run_keys_command(args, default_file)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"llmserve: {exc}", file=sys.stderr)
+        return 2
+    return run_keys_command(args, config)
 
 
 def _sidecar_args(config_path: str | None, overrides: dict[str, str]) -> list[str]:

@@ -165,7 +165,13 @@ class AuthSection(_Section):
         False, description="Serve without keys on a non-loopback address anyway."
     )
     reload_seconds: float = Field(
-        2.0, gt=0, description="How often the keys file is checked for changes."
+        2.0, gt=0, description="How often the keys file is checked, or the Redis keys re-read."
+    )
+    store: Literal["file", "redis"] = Field(
+        "file", description="Where the keys are: keys_file, or Redis (shared by every replica)."
+    )
+    redis_url: str | None = Field(
+        None, description="Redis holding the keys, with store = redis; none: ratelimit.redis_url."
     )
 
 
@@ -196,6 +202,10 @@ class Config(_Section):
     auth: AuthSection = AuthSection()
     ratelimit: RateLimitSection = RateLimitSection()
     sidecar: SidecarSettings = SidecarSettings()
+
+    def keys_redis_url(self) -> str | None:
+        """The Redis of the keys: its own, else the limiter's."""
+        return self.auth.redis_url or self.ratelimit.redis_url
 
 
 class ConfigError(Exception):

@@ -118,8 +118,8 @@ async def health(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     """Readiness: 200 only while the model is loaded and the server is not draining."""
     state = request.app[STATE]
-    status = state.status
-    return web.json_response({"status": status}, status=200 if status == "ready" else 503)
+    body = state.readiness()
+    return web.json_response(body, status=200 if body["status"] == "ready" else 503)
 
 
 @routes.get("/openapi.json")

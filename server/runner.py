@@ -23,7 +23,8 @@ from llmserve.server.config import Config
 from llmserve.server.engines import EngineError, create_engine
 from llmserve.server.engines.base import Engine, ModelInfo
 from llmserve.server.http_protocol import AppRunner
-from llmserve.server.keys import KeyFileError, KeyStore
+from llmserve.server.keys import KeyFileError, KeyStore, KeyTable
+from llmserve.server.keys_redis import RedisKeyStore
 from llmserve.server.ratelimit import Limiter, MemoryLimiter
 from llmserve.server.ratelimit.redis_limiter import RedisLimiter, connect
 from llmserve.server.state_reporter import StateReporter
@@ -81,9 +82,22 @@ async def _serve(config: Config, sidecar_args: Sequence[str]) -> int:
             await supervisor.stop()
 
 
-def _load_keys(config: Config) -> KeyStore | None:
+def _load_keys(config: Config) -> KeyTable | None:
     """The key store, or None to serve unauthenticated, which needs a loopback address."""
     host = config.server.host
+    if config.auth.store == "redis":
+        url = config.keys_redis_url()
+        if url is None:
+            raise KeyFileError(
+                'auth.store = "redis" needs auth.redis_url (or ratelimit.redis_url) to be set'
+            )
+        settings = config.ratelimit
+        log.info(
+            "authentication on: API keys in Redis (%s), re-read every %g s and on each change",
+            without_credentials(url),
+            config.auth.reload_seconds,
+        )
+        return RedisKeyStore(connect(settings.redis_mode, url, settings.redis_sentinel_master))
     if config.auth.keys_file:
         keys = KeyStore(Path(config.auth.keys_file))
         log.info("authentication on: %d API keys from %s", len(keys), config.auth.keys_file)
@@ -103,13 +117,6 @@ def _load_keys(config: Config) -> KeyStore | None:
         )
     log.warning("authentication off: no auth.keys_file, so anyone who can reach %s may call", host)
     return None
-
-
-async def _watch_keys(keys: KeyStore, seconds: float) -> None:
-    # A changed file is noticed within `seconds`; SIGHUP reloads at once.
-    while True:
-        await asyncio.sleep(seconds)
-        keys.reload_if_changed()
 
 
 def _limiter(config: Config) -> Limiter:
@@ -174,7 +181,7 @@ async def _serve_http(
     config: Config,
     engine: Engine,
     events: EventSender | None,
-    keys: KeyStore | None,
+    keys: KeyTable | None,
     limiter: Limiter,
 ) -> int:
     app = build_app(engine, config, events=events, keys=keys, limiter=limiter)
@@ -208,7 +215,7 @@ async def _serve_http(
     watcher = None
     if keys is not None:
         loop.add_signal_handler(signal.SIGHUP, keys.reload)
-        watcher = asyncio.create_task(_watch_keys(keys, config.auth.reload_seconds))
+        watcher = asyncio.create_task(keys.watch(config.auth.reload_seconds))
 
     load = asyncio.create_task(engine.load())
     await asyncio.wait([load, asyncio.create_task(stop.wait())], return_when="FIRST_COMPLETED")

@@ -25,6 +25,8 @@ class ServerState:
     engine_healthy: Callable[[], bool] = lambda: True
     # Its worker died: unlike recovering, this lasts until the process is restarted.
     engine_failed: Callable[[], bool] = lambda: False
+    # Seconds since the shared key store was last read, while it cannot be; None: current.
+    keys_stale_seconds: Callable[[], float | None] = lambda: None
     started_at: float = field(default_factory=time.time)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -40,6 +42,15 @@ class ServerState:
         if self.engine_failed():
             return "failed"
         return "ready" if self.engine_healthy() else "recovering"
+
+    def readiness(self) -> dict[str, object]:
+        """/ready's body: the status, and how old the keys are while their store is unreachable
+        (the server keeps serving the keys it read last, so this does not change the status)."""
+        body: dict[str, object] = {"status": self.status}
+        stale = self.keys_stale_seconds()
+        if stale is not None:
+            body["keys_stale_seconds"] = round(stale, 1)
+        return body
 
     def check_accepting(self) -> None:
         """Raise a 503 unless a new generation may start now."""

@@ -58,6 +58,7 @@ class StateReporter:
                 kv_usage=self.engine.kv_usage(),
                 ready=self.state.status == "ready",
                 draining=self.state.draining,
+                keys_stale_s=self.state.keys_stale_seconds(),
             )
         )
 

@@ -161,6 +161,8 @@ class State(Event, tag="state"):
     kv_usage: float
     ready: bool
     draining: bool
+    # Seconds since the shared key store was last read, while it cannot be; None: current.
+    keys_stale_s: float | None = None
 
 
 class RateLimit(Event, tag="ratelimit"):

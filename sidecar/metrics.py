@@ -264,6 +264,16 @@ class Metrics:
             m,
             registry=reg,
         )
+        self.keys_store_stale = Gauge(
+            "llm_keys_store_stale",
+            "1 while the server cannot read its shared key store and serves the keys read last.",
+            registry=reg,
+        )
+        self.keys_store_stale_seconds = Gauge(
+            "llm_keys_store_stale_seconds",
+            "Seconds since the server last read its shared key store, while it cannot; else 0.",
+            registry=reg,
+        )
         self.servers_reporting = Gauge(
             "llm_servers_reporting",
             "Servers whose state report reached this sidecar in the last 5 seconds.",

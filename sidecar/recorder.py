@@ -234,6 +234,8 @@ class Recorder:
                 self.metrics.running.labels(model).set(event.running)
                 self.metrics.waiting.labels(model).set(event.waiting)
                 self.metrics.kv_cache_usage.labels(model).set(event.kv_usage)
+                self.metrics.keys_store_stale.set(event.keys_stale_s is not None)
+                self.metrics.keys_store_stale_seconds.set(event.keys_stale_s or 0.0)
             case Load():
                 model = instance.model = event.model
                 instance.engine = event.engine

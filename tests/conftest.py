@@ -27,7 +27,7 @@ from llmserve.server.app_keys import STATE
 from llmserve.server.config import Config, load_config
 from llmserve.server.engines import create_engine
 from llmserve.server.engines.base import Engine
-from llmserve.server.keys import KeyStore
+from llmserve.server.keys import KeyTable
 from llmserve.server.ratelimit import Limiter
 from llmserve.shared.client import EventSender
 from llmserve.sidecar.app import build_sidecar_app
@@ -64,7 +64,7 @@ async def serve(
         engine: Engine,
         *,
         events: EventSender | None = None,
-        keys: KeyStore | None = None,
+        keys: KeyTable | None = None,
         limiter: Limiter | None = None,
         **overrides: str,
     ) -> TestServer:

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+from contextlib import nullcontext
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import openai
 import pytest
+from aiohttp.test_utils import TestServer
 
 from llmserve.server.cli import main
-from llmserve.server.keys import KeyFileError, KeyStore, read_keys
+from llmserve.server.keys import KeyExpired, KeyFileError, KeyStore, read_keys, write_keys
 from llmserve.server.ratelimit.kinds import KINDS
 from tests.conftest import Process, ServerFactory, start, synthetic_engine
 
@@ -175,3 +180,150 @@ async def test_reloading_keys_under_load_drops_no_stream(
         assert raw.count(b'"content":"') == 41  # the role chunk, then 40 tokens
         assert raw.endswith(b"data: [DONE]\n\n")
     assert (await stream(newcomer)).endswith(b"data: [DONE]\n\n")
+
+
+async def _status(server: TestServer, secret: str) -> tuple[int, dict[str, Any]]:
+    body = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            server.make_url("/v1/chat/completions"), json=body, headers={"x-api-key": secret}
+        ) as r:
+            return r.status, await r.json()
+
+
+async def test_an_expired_key_gets_a_401_that_says_it_expired(
+    serve: ServerFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "keys.toml"
+    secret = keys(path, "create", "acme", "--expires", "30d", capsys=capsys)
+    store = KeyStore(path)
+    engine = synthetic_engine(completion_tokens="2")
+    server = await serve(engine, keys=store, **{"engine.kind": "synthetic"})
+    assert (await _status(server, secret))[0] == 200
+
+    keys(path, "set", "acme", "--expires", "2020-01-31T00:00Z", capsys=capsys)
+    assert store.reload()
+    status, error = await _status(server, secret)
+    assert (status, error["error"]["code"]) == (401, "expired_api_key")
+    assert "expired at 2020-01-31T00:00:00+00:00" in error["error"]["message"]
+    assert secret not in str(error)
+    assert "expires 2020-01-31T00:00:00+00:00" in keys(path, "list", capsys=capsys)
+
+    keys(path, "set", "acme", "--expires", "never", capsys=capsys)
+    assert store.reload()
+    assert (await _status(server, secret))[0] == 200
+
+
+async def test_a_rotated_key_takes_both_secrets_until_the_overlap_ends(
+    serve: ServerFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "keys.toml"
+    old = keys(path, "create", "acme", "--rpm", "100", capsys=capsys)
+    new = keys(path, "rotate", "acme", "--overlap", "1h", capsys=capsys)
+    assert new.startswith("sk-") and new != old
+    store = KeyStore(path)
+    engine = synthetic_engine(completion_tokens="2")
+    server = await serve(engine, keys=store, **{"engine.kind": "synthetic"})
+    assert (await _status(server, old))[0] == 200
+    assert (await _status(server, new))[0] == 200
+    assert "previous secret valid until" in keys(path, "list", capsys=capsys)
+    assert old not in path.read_text() and new not in path.read_text()
+
+    # The overlap ends: from then on only the new secret works, under the same name and limits.
+    entry = read_keys(path)["acme"]
+    ended = entry.model_copy(update={"previous_expires": datetime.now(UTC) - timedelta(seconds=1)})
+    write_keys(path, {"acme": ended})
+    assert store.reload()
+    status, error = await _status(server, old)
+    assert (status, error["error"]["code"]) == (401, "expired_api_key")
+    assert (await _status(server, new))[0] == 200
+    assert read_keys(path)["acme"].limits == {"rpm": 100}
+
+
+def test_the_old_secret_never_outlives_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "keys.toml"
+    old = keys(path, "create", "acme", "--expires", "1d", capsys=capsys)
+    new = keys(path, "rotate", "acme", "--overlap", "7d", capsys=capsys)
+    store = KeyStore(path)
+    assert store.authenticate(old) is not None
+    later = datetime.now(UTC) + timedelta(days=2)
+    for secret in (old, new):
+        with pytest.raises(KeyExpired):
+            store.authenticate(secret, now=later)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["create", "caf\udce9"],
+        ["create", "acme", "--expires", "next tuesday"],
+        ["rotate", "acme"],
+        ["set", "nobody", "--rpm", "3"],
+    ],
+)
+def test_bad_keys_commands_get_a_message_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    path = tmp_path / "keys.toml"
+    keys(path, "create", "acme", capsys=capsys)
+    with pytest.raises(SystemExit) if args[-1] in ("acme", "next tuesday") else nullcontext():
+        assert main(["keys", "--file", str(path), *args]) in (1, 2)
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and error.strip()
+    assert list(read_keys(path)) == ["acme"]
+
+
+async def test_last_use_is_noted_beside_the_keys_file_at_most_once_a_minute(
+    serve: ServerFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "keys.toml"
+    secret = keys(path, "create", "acme", capsys=capsys)
+    keys(path, "create", "idle", capsys=capsys)
+    before = path.read_bytes()
+    store = KeyStore(path)
+    engine = synthetic_engine(completion_tokens="2")
+    server = await serve(engine, keys=store, **{"engine.kind": "synthetic"})
+    for _ in range(3):
+        assert (await _status(server, secret))[0] == 200
+    # No write per request, and none before a minute has passed.
+    await store.record_usage()
+    record = tmp_path / "keys.toml.last-used.json"
+    assert not record.exists()
+    await store.record_usage(now=True)
+    assert oct(record.stat().st_mode & 0o777) == "0o600"
+    assert path.read_bytes() == before
+    listed = dict(line.split(":", 1) for line in keys(path, "list", capsys=capsys).splitlines())
+    assert re.search(r"last used \d{4}-\d\d-\d\dT\d\d:\d\d\+00:00", listed["acme"])
+    assert "last used never" in listed["idle"]
+    # A damaged record costs the column, not the command.
+    record.write_bytes(b"\xff[")
+    assert "last used never" in keys(path, "list", capsys=capsys)
+
+
+async def test_a_last_use_record_that_cannot_be_written_is_said_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "keys.toml"
+    secret = keys(path, "create", "acme", capsys=capsys)
+    # What a read-only /etc does to the write, even for root: the record's name is taken.
+    (tmp_path / "keys.toml.last-used.json").mkdir()
+    store = KeyStore(path)
+    for _ in range(3):
+        assert store.authenticate(secret) is not None
+        await store.record_usage(now=True)
+    warnings = [r for r in caplog.records if "cannot record when API keys" in r.message]
+    assert len(warnings) == 1
+    assert "last used never" in keys(path, "list", capsys=capsys)
+
+
+def test_an_invalid_entry_is_named_without_repeating_what_it_holds(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text('[keys.acme]\nsha256 = "sk-LEAKED-SECRET"\nnote = "sk-ANOTHER"\n')
+    path.chmod(0o600)
+    with pytest.raises(KeyFileError) as refused:
+        read_keys(path)
+    message = str(refused.value)
+    assert "'acme' is invalid" in message and "sha256" in message and "note" in message
+    assert "sk-" not in message
