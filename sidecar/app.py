@@ -7,6 +7,8 @@ import time
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_TYPE
 
 from llmserve.sidecar.access import bearer_token_middleware
 from llmserve.sidecar.recorder import Recorder
@@ -20,9 +22,18 @@ DEFAULT_STATS_KEYS = 100
 STARTED = web.AppKey("started", float)
 
 
+def wants_openmetrics(accept: str) -> bool:
+    """Whether a scraper's Accept header asks for OpenMetrics (prometheus_client's reading)."""
+    _, content_type = choose_encoder(accept)
+    return content_type.startswith("application/openmetrics-text")
+
+
 async def metrics(request: web.Request) -> web.Response:
-    body = await request.app[RECORDER].metrics.registry.exposition()
-    response = web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    # Only OpenMetrics carries exemplars; every other scraper gets the text format as before.
+    openmetrics = wants_openmetrics(request.headers.get("Accept", ""))
+    body = await request.app[RECORDER].metrics.registry.exposition(openmetrics=openmetrics)
+    content_type = OPENMETRICS_TYPE if openmetrics else CONTENT_TYPE_LATEST
+    response = web.Response(body=body, headers={"Content-Type": content_type})
     # Prometheus asks for gzip: at 10,000 keys the 6 MB answer shrinks many times over. aiohttp
     # compresses a body this size on a worker thread, so ingestion goes on meanwhile.
     response.enable_compression()
