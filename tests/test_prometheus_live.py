@@ -113,12 +113,25 @@ class Prometheus(Daemon):
             "prometheus",
             f"--config.file={self.config}",
             f"--storage.tsdb.path={self.directory / 'data'}",
+            # As deployed (docs/deployment.md): exemplars are kept and can be queried.
+            "--enable-feature=exemplar-storage",
         )
 
     async def query(self, session: aiohttp.ClientSession, expr: str) -> dict[str, Any]:
         url = f"{self.url}/api/v1/query"
         async with session.post(url, data={"query": expr}) as response:
             return dict(await response.json())
+
+    async def exemplars(
+        self, session: aiohttp.ClientSession, expr: str, start: float, end: float
+    ) -> list[dict[str, Any]]:
+        """/api/v1/query_exemplars: each series with the exemplars it was scraped with."""
+        url = f"{self.url}/api/v1/query_exemplars"
+        form = {"query": expr, "start": str(start), "end": str(end)}
+        async with session.post(url, data=form) as response:
+            answer = await response.json()
+        assert answer["status"] == "success", f"{expr}: {answer.get('error')}"
+        return list(answer["data"])
 
     async def label_values(
         self, session: aiohttp.ClientSession, label: str, selector: str
