@@ -98,6 +98,8 @@ class Prometheus(Daemon):
                 # The runbook_base that the alerts' runbook_url is made of.
                 "external_labels": SHIPPED_CONFIG["global"]["external_labels"],
             },
+            # Where the exemplars are kept, as shipped.
+            "storage": SHIPPED_CONFIG["storage"],
             "rule_files": [str(path) for path in rule_files],
             "scrape_configs": [
                 {"job_name": "llmserve-sidecar", "static_configs": [{"targets": targets}]}
