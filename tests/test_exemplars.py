@@ -160,3 +160,33 @@ def test_the_log_line_carries_the_trace_ids() -> None:
     )
     untraced = request_fields(msgspec.structs.asdict(End(**end_fields("r"))))
     assert untraced["trace_id"] is None and untraced["span_id"] is None
+
+
+async def test_any_accept_header_gets_an_answer_never_an_error(
+    sidecar_stack: SidecarStack,
+) -> None:
+    """The Accept header is the scraper's to write: whatever it says, /metrics answers, in
+    OpenMetrics only when that is what the scraper prefers."""
+    openmetrics = [
+        PROMETHEUS_ACCEPT,
+        "application/openmetrics-text",
+        "application/openmetrics-text; version=abc",
+        "application/openmetrics-text;version=0.0.1",
+        "APPLICATION/OPENMETRICS-TEXT;version=1.0.0;escaping=nonsense",
+    ]
+    text = [
+        None,
+        "",
+        "*/*",
+        "text/plain;version=x.y",
+        "text/plain, application/openmetrics-text;q=0.5",
+        "application/openmetrics-text;q=0",
+        "application/openmetrics-text;q=banana",
+        ";;;,,,=;q",
+        "x" * 7000,
+    ]
+    for accept in openmetrics + text:
+        content_type, body = await scrape(sidecar_stack, accept)
+        wanted = accept in openmetrics
+        assert content_type.startswith("application/openmetrics-text") == wanted, accept
+        assert body.endswith("# EOF\n") == wanted, accept
