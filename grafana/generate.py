@@ -583,7 +583,8 @@ def datasources() -> str:
         "# lines of the request or trace they name.\n"
     )
     body = {"apiVersion": 1, "datasources": [prometheus, loki]}
-    return header + yaml.safe_dump(body, sort_keys=False, width=1000)
+    text: str = yaml.safe_dump(body, sort_keys=False, width=1000)
+    return header + text
 
 
 def render() -> dict[str, str]:

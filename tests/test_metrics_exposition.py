@@ -44,7 +44,7 @@ def update(family_set: tuple[Any, ...], step: int, labels: list[str]) -> None:
         limit.labels("rpm", label).set(GAUGE_VALUES[(i + step) % len(GAUGE_VALUES)])
 
 
-async def test_key_families_render_exactly_what_prometheus_client_renders():
+async def test_key_families_render_exactly_what_prometheus_client_renders() -> None:
     ours, theirs = MetricsRegistry(), CollectorRegistry()
     mine = families(ours, KeyCounter, KeyGauge)
     reference = families(theirs, Counter, Gauge)

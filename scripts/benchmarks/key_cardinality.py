@@ -68,7 +68,9 @@ async def customers(
     sender: EventSender, admission: KeyAdmission, keys: int, round_: int, *, traced: bool
 ) -> None:
     for i in range(keys):
-        entry = KeyEntry(name=f"customer-{i:05d}", sha256="0" * 64, rpm=600, tpm=100_000)
+        entry = KeyEntry.model_validate(
+            {"name": f"customer-{i:05d}", "sha256": "0" * 64, "rpm": 600, "tpm": 100_000}
+        )
         rid = f"bench-{round_}-{i}"
         # The request's own limits, then its token reservation, as the server charges them.
         request = await admission.admit_request(entry, rid)
