@@ -1,8 +1,9 @@
-"""Generate llmserve's Grafana dashboards as plain JSON data: `python grafana/generate.py`.
+"""Generate llmserve's Grafana dashboards as plain JSON data, and the provisioned datasources
+that link them to the logs: `python grafana/generate.py`.
 
-The committed files in grafana/dashboards/ must equal what this writes (a test checks), so a
-dashboard is changed here, not in Grafana's editor. Every panel takes its datasource from a
-variable, has a unit, and every rate uses `$__rate_interval`.
+The committed files in grafana/dashboards/ and grafana/provisioning/datasources/ must equal what
+this writes (a test checks), so a dashboard is changed here, not in Grafana's editor. Every panel
+takes its datasource from a variable, has a unit, and every rate uses `$__rate_interval`.
 """
 
 from __future__ import annotations
@@ -10,8 +11,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
+
+import yaml
 
 OUT = Path(__file__).resolve().parent / "dashboards"
+DATASOURCES = Path(__file__).resolve().parent / "provisioning" / "datasources" / "llmserve.yml"
+PROMETHEUS_UID = "llmserve-prometheus"
+LOKI_UID = "llmserve-loki"
 PROM = {"type": "prometheus", "uid": "${datasource}"}
 LOKI = {"type": "loki", "uid": "${loki}"}
 SEL = 'model=~"$model"'
@@ -130,7 +137,10 @@ class Board:
         datasource: dict[str, str] = PROM,
         description: str = "",
         target_options: dict[str, Any] | None = None,
+        exemplars: bool = False,
     ) -> None:
+        """`exemplars`: the first query also draws its histogram's exemplars (the requests that
+        fell in its buckets, each a link to its log lines)."""
         self.panels.append(
             {
                 "id": len(self.panels) + 1,
@@ -148,6 +158,7 @@ class Board:
                         "legendFormat": legend,
                         "datasource": datasource,
                         **(target_options or {}),
+                        **({"exemplar": True} if exemplars and i == 0 else {}),
                     }
                     for i, (expr, legend) in enumerate(targets)
                 ],
@@ -206,9 +217,15 @@ def overview() -> Board:
         "s",
         quantiles("llm_time_to_first_token_seconds"),
         width=8,
+        exemplars=True,
     )
     b.panel(
-        "Request duration", "timeseries", "s", quantiles("llm_request_duration_seconds"), width=8
+        "Request duration",
+        "timeseries",
+        "s",
+        quantiles("llm_request_duration_seconds"),
+        width=8,
+        exemplars=True,
     )
     b.panel(
         "Inter-token latency",
@@ -216,6 +233,7 @@ def overview() -> Board:
         "s",
         quantiles("llm_inter_token_latency_seconds"),
         width=8,
+        exemplars=True,
     )
     b.panel(
         "Server error ratio",
@@ -391,6 +409,7 @@ def latency() -> Board:
             width=8,
             options={"calculate": False, "yAxis": {"unit": "s"}},
             target_options=HEATMAP,
+            exemplars=True,
         )
     b.panel(
         "Queue, prefill and decode (mean per request)",
@@ -496,6 +515,77 @@ def errors_and_logs() -> Board:
 
 BOARDS = [overview, customers, latency, errors_and_logs]
 
+# Grafana fills these in when a link is followed; provisioning would expand a single `$` from the
+# environment, so the file carries `$$`.
+VALUE, FROM, TO = "$${__value.raw}", "$${__from}", "$${__to}"
+# The lines of one request (request_id is structured metadata), and of every request in one
+# trace (a line filter, which finds it however the line was shipped).
+REQUEST_LINES = f'{{service_name="llmserve"}} | request_id="{VALUE}"'
+TRACE_LINES = f'{{service_name="llmserve"}} |= "{VALUE}"'
+
+
+def explore_logs(logql: str) -> str:
+    """A Grafana link that opens Explore on Loki with `logql` over the time range in view."""
+    pane = {
+        "datasource": LOKI_UID,
+        "queries": [{"refId": "A", "datasource": {"type": "loki", "uid": LOKI_UID}, "expr": logql}],
+        "range": {"from": FROM, "to": TO},
+    }
+    encoded = quote(json.dumps({"logs": pane}, separators=(",", ":")), safe="")
+    # Grafana finds its variables in the link as written, so they stay unencoded.
+    for variable in (VALUE, FROM, TO):
+        encoded = encoded.replace(quote(variable, safe=""), variable)
+    return f"/explore?schemaVersion=1&orgId=1&panes={encoded}"
+
+
+def datasources() -> str:
+    """The provisioned datasources: Prometheus's exemplars and Loki's log lines link to the log
+    lines of the request (or the trace) they name."""
+    links = {"request_id": ("Log lines of this request", REQUEST_LINES)}
+    links["trace_id"] = ("Log lines of this trace", TRACE_LINES)
+    prometheus = {
+        "name": "Prometheus",
+        "uid": PROMETHEUS_UID,
+        "type": "prometheus",
+        "access": "proxy",
+        "url": "http://localhost:9090",
+        "jsonData": {
+            "timeInterval": "15s",
+            "exemplarTraceIdDestinations": [
+                {"name": name, "urlDisplayLabel": label, "url": explore_logs(logql)}
+                for name, (label, logql) in links.items()
+            ],
+        },
+    }
+    loki = {
+        "name": "Loki",
+        "uid": LOKI_UID,
+        "type": "loki",
+        "access": "proxy",
+        "url": "http://localhost:3100",
+        "jsonData": {
+            "derivedFields": [
+                {
+                    "name": name,
+                    "matcherType": "regex",
+                    # The field as the JSON log line has it; the value is an id, never spaces.
+                    "matcherRegex": f'"{name}":\\s*"([^"\\s]+)"',
+                    "urlDisplayLabel": label,
+                    "url": explore_logs(logql),
+                }
+                for name, (label, logql) in links.items()
+            ]
+        },
+    }
+    header = (
+        "# Generated by grafana/generate.py. Grafana datasources for llmserve's dashboards; the\n"
+        "# uids are fixed so dashboards can name them. Exemplars and log lines link to the log\n"
+        "# lines of the request or trace they name.\n"
+    )
+    body = {"apiVersion": 1, "datasources": [prometheus, loki]}
+    text: str = yaml.safe_dump(body, sort_keys=False, width=1000)
+    return header + text
+
 
 def render() -> dict[str, str]:
     """file name -> JSON text for every dashboard."""
@@ -514,3 +604,5 @@ if __name__ == "__main__":
     for name, text in render().items():
         (OUT / name).write_text(text)
         print(f"wrote grafana/dashboards/{name}")
+    DATASOURCES.write_text(datasources())
+    print("wrote grafana/provisioning/datasources/llmserve.yml")

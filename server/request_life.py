@@ -20,7 +20,7 @@ from llmserve.server.admission import AdmissionGate
 from llmserve.server.engines.base import Completion
 from llmserve.server.errors import APIError, from_http_exception
 from llmserve.server.keys import KeyEntry
-from llmserve.server.middlewares import REQUEST_ID_HEADER
+from llmserve.server.middlewares import TRACE, trace_headers
 from llmserve.server.ratelimit.admission import KeyAdmission
 from llmserve.server.ratelimit.base import Decision
 from llmserve.server.state import ServerState
@@ -56,7 +56,8 @@ class RequestLife:
     ) -> None:
         self.request = request
         self.telemetry = telemetry
-        self.headers = {REQUEST_ID_HEADER: telemetry.request_id}
+        self.headers = trace_headers(request)
+        telemetry.trace = request.get(TRACE)
         self.key: KeyEntry | None = None
         self._state = state
         self._gate = gate

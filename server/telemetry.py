@@ -4,7 +4,8 @@ Everything here is a few attribute updates per token; gaps leave in batches (eve
 every second, and never more than protocol.MAX_GAPS to an event) so that a long generation shows
 up live without an event per token. Each request's events carry a serial the server assigns,
 because the request id is the client's to choose and two requests may share one. With events
-turned off the same calls do nothing.
+turned off the same calls do nothing. `start` and `end` carry the request's trace context, when it
+came with one, so that its exemplars and its log line name the caller's trace.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import itertools
 import time
 
 from llmserve.server.engines.base import Completion
+from llmserve.server.trace_context import TraceContext
 from llmserve.shared.client import EventSender
 from llmserve.shared.protocol import MAX_GAPS, End, First, Gaps, Start
 
@@ -39,6 +41,7 @@ class RequestTelemetry:
         "request_id",
         "stream",
         "tokens_written",
+        "trace",
     )
 
     def __init__(
@@ -66,12 +69,18 @@ class RequestTelemetry:
         self._flushed_ns = 0
         self._stamps: list[int] = []
         self._ended = False
+        self.trace: TraceContext | None = None
+
+    def _trace_ids(self) -> tuple[str | None, str | None]:
+        trace = self.trace
+        return (None, None) if trace is None else (trace.trace_id, trace.span_id)
 
     def started(self, *, stream: bool, prompt_tokens: int, queue_ns: int) -> None:
         self.stream = stream
         self.prompt_tokens = prompt_tokens
         self.queue_ns = queue_ns
         if self._sender is not None:
+            trace_id, span_id = self._trace_ids()
             self._sender.send(
                 Start(
                     req=self._req,
@@ -82,6 +91,8 @@ class RequestTelemetry:
                     stream=stream,
                     prompt_tokens=prompt_tokens,
                     queue_ns=queue_ns,
+                    trace_id=trace_id,
+                    span_id=span_id,
                 )
             )
 
@@ -129,6 +140,7 @@ class RequestTelemetry:
         self._ended = True
         now = time.monotonic_ns()
         self._flush_gaps(now)
+        trace_id, span_id = self._trace_ids()
         event = End(
             req=self._req,
             rid=self.request_id,
@@ -151,6 +163,8 @@ class RequestTelemetry:
             prefill_ns=None,
             decode_ns=None,
             gen_ns=self._stamps[-1] - self._first_ns if self._stamps else 0,
+            trace_id=trace_id,
+            span_id=span_id,
         )
         if completion is not None:
             event.finish_reason = completion.finish_reason

@@ -13,6 +13,7 @@ carries a description generated from these definitions (`python -m llmserve.shar
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Annotated, ClassVar
 
@@ -64,6 +65,9 @@ Name = Annotated[str, msgspec.Meta(max_length=256)]
 Text = Annotated[str, msgspec.Meta(max_length=2048)]
 GapList = Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=MAX_GAPS)]
 LimitState = Annotated[dict[Name, tuple[float, float]], msgspec.Meta(max_length=16)]
+# W3C trace context ids as lowercase hex; the sender drops (to null) a value that does not match.
+TraceId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$")]
+SpanId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{16}$")]
 
 
 class DecodeError(ValueError):
@@ -80,9 +84,11 @@ class Event(msgspec.Struct, tag_field="kind", kw_only=True):
     seq: int = 0
     ts: float = 0.0
 
-    # Filled in below for each kind: its bounded text fields and its bounded list fields.
+    # Filled in below for each kind: its bounded text fields, its bounded list fields and its
+    # text fields that must match a pattern.
     text_bounds: ClassVar[tuple[tuple[str, int], ...]] = ()
     list_bounds: ClassVar[tuple[tuple[str, int], ...]] = ()
+    patterns: ClassVar[tuple[tuple[str, re.Pattern[str]], ...]] = ()
 
 
 class RequestEvent(Event):
@@ -99,10 +105,14 @@ class RequestEvent(Event):
 
 
 class Start(RequestEvent, tag="start"):
-    """A request was admitted and is about to run."""
+    """A request was admitted and is about to run. `trace_id` and `span_id` are its W3C trace
+    context (the caller's trace, the server's span for the request), null when it came without a
+    valid `traceparent`; `end` repeats them."""
 
     prompt_tokens: int
     queue_ns: int
+    trace_id: TraceId | None = None
+    span_id: SpanId | None = None
 
 
 class First(Event, tag="first"):
@@ -139,6 +149,8 @@ class End(RequestEvent, tag="end"):
     prefill_ns: int | None
     decode_ns: int | None
     gen_ns: int
+    trace_id: TraceId | None = None
+    span_id: SpanId | None = None
 
 
 class Load(Event, tag="load"):
@@ -198,11 +210,13 @@ class Header(msgspec.Struct, array_like=True):
     events: list[msgspec.Raw]
 
 
-def _bound_of(field_type: msgspec.inspect.Type) -> tuple[str, int | None]:
+def _bound_of(field_type: msgspec.inspect.Type) -> tuple[str, int | str | None]:
     if isinstance(field_type, msgspec.inspect.UnionType):
         bounded = [_bound_of(member) for member in field_type.types]
         return next(((kind, limit) for kind, limit in bounded if limit is not None), ("", None))
     if isinstance(field_type, msgspec.inspect.StrType):
+        if field_type.pattern is not None:
+            return "pattern", field_type.pattern
         return "text", field_type.max_length
     if isinstance(field_type, msgspec.inspect.ListType):
         return "list", field_type.max_length
@@ -210,14 +224,18 @@ def _bound_of(field_type: msgspec.inspect.Type) -> tuple[str, int | None]:
 
 
 def _find_bounds(cls: type[Event]) -> None:
-    """Note on the class which of its fields are bounded text and which bounded lists, so that
-    the sender cuts by the same bounds the receiver checks."""
+    """Note on the class which of its fields are bounded text, which bounded lists and which
+    patterned text, so that the sender cuts and drops by the same rules the receiver checks."""
     bounds: dict[str, list[tuple[str, int]]] = {"text": [], "list": []}
+    patterns: list[tuple[str, re.Pattern[str]]] = []
     for field in msgspec.inspect.type_info(cls).fields:  # type: ignore[attr-defined]
         kind, limit = _bound_of(field.type)
-        if limit is not None:
+        if isinstance(limit, str):
+            patterns.append((field.name, re.compile(limit)))
+        elif limit is not None:
             bounds[kind].append((field.name, limit))
     cls.text_bounds, cls.list_bounds = tuple(bounds["text"]), tuple(bounds["list"])
+    cls.patterns = tuple(patterns)
 
 
 for _cls in EVENT_TYPES.values():
@@ -244,6 +262,11 @@ def _cut(event: Event) -> None:
         value = getattr(event, name)
         if len(value) > limit:
             setattr(event, name, value[:limit])
+    # An id that does not match its pattern says nothing; the event goes without it.
+    for name, pattern in event.patterns:
+        value = getattr(event, name)
+        if value is not None and not (isinstance(value, str) and pattern.fullmatch(value)):
+            setattr(event, name, None)
 
 
 def _valid_utf8(text: str) -> str:

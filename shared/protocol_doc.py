@@ -27,6 +27,8 @@ def _type_text(kind: msgspec.inspect.Type) -> str:
         return " or ".join(_type_text(member) for member in kind.types)
     if isinstance(kind, msgspec.inspect.NoneType):
         return "null"
+    if isinstance(kind, msgspec.inspect.StrType) and kind.pattern is not None:
+        return f"text matching `{kind.pattern}`"
     if isinstance(kind, msgspec.inspect.StrType):
         return f"text ≤ {kind.max_length}" if kind.max_length is not None else "text"
     if isinstance(kind, msgspec.inspect.IntType):
@@ -70,7 +72,8 @@ def render() -> str:
         f"Every event is a map with `kind` and {_fields(protocol.Event)}: `seq` numbers a"
         " server's events from 1, `ts` is the wall-clock second it was queued. Text longer than"
         f" its bound is cut by the sender and ends in `{protocol.TRUNCATED}`; lists are cut to"
-        " theirs; the sidecar counts an event outside the definition as malformed. An event is"
+        " theirs; text that must match a pattern and does not is sent as null; the sidecar"
+        " counts an event outside the definition as malformed. An event is"
         f" at most {protocol.MAX_EVENT_BYTES} bytes and a datagram {protocol.MAX_DATAGRAM_BYTES}.",
         "",
         f"In `start` and `end`, {_prose(protocol.RequestEvent)}",

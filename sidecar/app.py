@@ -7,6 +7,7 @@ import time
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_TYPE
 
 from llmserve.sidecar.access import bearer_token_middleware
 from llmserve.sidecar.recorder import Recorder
@@ -20,9 +21,42 @@ DEFAULT_STATS_KEYS = 100
 STARTED = web.AppKey("started", float)
 
 
+def _quality(parameters: list[str]) -> float:
+    """A media range's q (1 when absent); an unreadable one counts as not wanted."""
+    for parameter in parameters:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                quality = float(value.strip())
+            except ValueError:
+                return 0.0
+            return quality if 0 <= quality <= 1 else 0.0
+    return 1.0
+
+
+def wants_openmetrics(accept: str) -> bool:
+    """Whether a scraper's Accept header prefers OpenMetrics (of any version: Prometheus offers
+    1.0.0 and 0.0.1, and the answer says it is 1.0.0) to everything else it accepts.
+
+    prometheus_client's choose_encoder raises on a version it cannot read, and the header is
+    anyone's to write, so it is read here."""
+    best_openmetrics, best_other = 0.0, 0.0
+    for media_range in accept.split(","):
+        media_type, *parameters = media_range.split(";")
+        quality = _quality(parameters)
+        if media_type.strip().lower() == "application/openmetrics-text":
+            best_openmetrics = max(best_openmetrics, quality)
+        else:
+            best_other = max(best_other, quality)
+    return best_openmetrics > 0 and best_openmetrics >= best_other
+
+
 async def metrics(request: web.Request) -> web.Response:
-    body = await request.app[RECORDER].metrics.registry.exposition()
-    response = web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    # Only OpenMetrics carries exemplars; every other scraper gets the text format as before.
+    openmetrics = wants_openmetrics(request.headers.get("Accept", ""))
+    body = await request.app[RECORDER].metrics.registry.exposition(openmetrics=openmetrics)
+    content_type = OPENMETRICS_TYPE if openmetrics else CONTENT_TYPE_LATEST
+    response = web.Response(body=body, headers={"Content-Type": content_type})
     # Prometheus asks for gzip: at 10,000 keys the 6 MB answer shrinks many times over. aiohttp
     # compresses a body this size on a worker thread, so ingestion goes on meanwhile.
     response.enable_compression()

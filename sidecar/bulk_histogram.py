@@ -5,15 +5,19 @@ one by one through prometheus_client's Histogram (a lock and two value objects p
 sidecar most of its CPU at saturation. Here a batch is bucketed with `bisect` and counted with
 `collections.Counter`, both in C, and the series are exposed through a custom collector, which
 is prometheus_client's documented way to export pre-computed values.
+
+Each bucket keeps the exemplar of the last batch that put an observation in it, as
+prometheus_client's Histogram does; only the OpenMetrics exposition shows them.
 """
 
 from __future__ import annotations
 
 import bisect
+import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.core import Exemplar, HistogramMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
@@ -40,27 +44,34 @@ class BulkHistogram:
         self._scaled_edges = [round(edge / scale, 6) for edge in self.edges]
         self.scale = scale
         self._les = [floatToGoString(edge) for edge in self.edges] + ["+Inf"]
-        self._series: dict[str, tuple[list[int], list[float]]] = {}
+        # label value -> (bucket counts, [sum], each bucket's latest exemplar)
+        self._series: dict[str, tuple[list[int], list[float], list[Exemplar | None]]] = {}
         registry.register(self)
 
-    def bucket_counts(self, values: Iterable[float]) -> Counter[int]:
-        """Bucket index -> how many of `values` fall in it (index len(edges) is +Inf)."""
+    def observe_many(
+        self,
+        label_value: str,
+        values: Sequence[float],
+        exemplar: dict[str, str] | None = None,
+    ) -> Counter[int]:
+        """Count `values` (in the observations' unit); returns bucket index -> how many fell in
+        it (index len(edges) is +Inf). With `exemplar` labels, every bucket that got a value
+        gets an exemplar of one of them."""
         edges = self._scaled_edges
-        return Counter(bisect.bisect_left(edges, v) for v in values)
-
-    def add(self, label_value: str, counts: Counter[int], total: float) -> None:
-        """Add pre-bucketed observations whose sum, in the observations' unit, is `total`."""
+        indices = [bisect.bisect_left(edges, v) for v in values]
+        counts = Counter(indices)
         series = self._series.get(label_value)
         if series is None:
-            series = self._series[label_value] = ([0] * (len(self.edges) + 1), [0.0])
-        buckets, sum_ = series
+            size = len(self.edges) + 1
+            series = self._series[label_value] = ([0] * size, [0.0], [None] * size)
+        buckets, sum_, exemplars = series
         for index, count in counts.items():
             buckets[index] += count
-        sum_[0] += total * self.scale
-
-    def observe_many(self, label_value: str, values: Sequence[float]) -> Counter[int]:
-        counts = self.bucket_counts(values)
-        self.add(label_value, counts, sum(values))
+        sum_[0] += sum(values) * self.scale
+        if exemplar:
+            now = time.time()
+            for index, value in dict(zip(indices, values, strict=True)).items():
+                exemplars[index] = Exemplar(exemplar, value * self.scale, now)
         return counts
 
     def describe(self) -> list[Metric]:
@@ -68,10 +79,11 @@ class BulkHistogram:
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
-        for label_value, (buckets, sum_) in self._series.items():
-            cumulative, running = [], 0
-            for le, count in zip(self._les, buckets, strict=True):
+        for label_value, (buckets, sum_, exemplars) in self._series.items():
+            cumulative: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
+            running = 0
+            for le, count, exemplar in zip(self._les, buckets, exemplars, strict=True):
                 running += count
-                cumulative.append((le, running))
+                cumulative.append((le, running) if exemplar is None else (le, running, exemplar))
             family.add_metric([label_value], cumulative, sum_value=sum_[0])
         yield family

@@ -7,7 +7,10 @@ formats its value: 0.7-0.9 s a scrape, with the event loop, and so event ingesti
 all of it. Here a series formats its line once and keeps it until its value changes, and
 `MetricsRegistry.exposition` renders the families a chunk at a time, letting the loop run in
 between. The lines are those generate_latest writes: same HELP and TYPE, labels sorted by name
-and escaped the same way, values through prometheus_client's own `floatToGoString`.
+and escaped the same way, values through prometheus_client's own `floatToGoString`. Asked for
+OpenMetrics, the registry writes what prometheus_client's OpenMetrics exposition writes (the
+histograms' exemplars with it), and the key families differ from the text format only in their
+HELP and TYPE lines.
 
 The families are prometheus_client collectors too: `registry.collect()` and `get_sample_value`
 see them as they saw the prometheus_client objects they replace.
@@ -21,6 +24,7 @@ from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
@@ -29,6 +33,8 @@ __all__ = ["CHUNK_SERIES", "KeyCounter", "KeyGauge", "MetricsRegistry"]
 # Series rendered between two yields to the event loop: about a millisecond of work when every
 # line has to be formatted again.
 CHUNK_SERIES = 1000
+# The line that ends an OpenMetrics exposition; the key families go before it.
+_EOF = b"# EOF\n"
 
 
 def _escape(text: str) -> str:
@@ -102,6 +108,9 @@ class _Family(Generic[S]):
         self._sample_name = sample = name + self.suffix
         help_text = documentation.replace("\\", r"\\").replace("\n", r"\n")
         self._header = f"# HELP {sample} {help_text}\n# TYPE {sample} {self.metric_type}\n"
+        # OpenMetrics names the family without the counter's suffix and escapes quotes in HELP.
+        om_help = help_text.replace('"', r"\"")
+        self._om_header = f"# HELP {name} {om_help}\n# TYPE {name} {self.metric_type}\n"
         self._series: dict[tuple[str, ...], S] = {}
         registry.register(self)
 
@@ -130,11 +139,11 @@ class _Family(Generic[S]):
             family.add_metric(key, series.value)
         yield family
 
-    def render(self) -> Iterator[str]:
+    def render(self, *, openmetrics: bool = False) -> Iterator[str]:
         """The family's HELP and TYPE lines, then its series `CHUNK_SERIES` at a time.
 
         Series added while a render is paused appear in the next one."""
-        yield self._header
+        yield self._om_header if openmetrics else self._header
         series = list(self._series.values())
         for start in range(0, len(series), CHUNK_SERIES):
             yield "".join([s.line() for s in series[start : start + CHUNK_SERIES]])
@@ -184,12 +193,19 @@ class MetricsRegistry(CollectorRegistry):
         for family in self._key_families:
             yield from family.collect()
 
-    async def exposition(self) -> bytes:
-        """Every series in the text format 0.0.4, as generate_latest would write them."""
-        parts = [generate_latest(_LibraryCollectors(self))]
+    async def exposition(self, *, openmetrics: bool = False) -> bytes:
+        """Every series in the text format 0.0.4, as generate_latest would write them, or with
+        `openmetrics` in OpenMetrics 1.0.0, exemplars included."""
+        library = _LibraryCollectors(self)
+        if openmetrics:
+            parts = [cast(bytes, openmetrics_latest(library)).removesuffix(_EOF)]
+        else:
+            parts = [generate_latest(library)]
         for family in self._key_families:
-            for text in family.render():
+            for text in family.render(openmetrics=openmetrics):
                 parts.append(text.encode())
                 # Events queued on the socket (and other requests) are handled between chunks.
                 await asyncio.sleep(0)
+        if openmetrics:
+            parts.append(_EOF)
         return b"".join(parts)

@@ -3,6 +3,9 @@
 Bucket edges are vLLM's (so its dashboards and habits carry over) plus the edges our alerts and
 SLOs need to be exact: 1/30 s between tokens and 30 tokens/s per stream, and round TTFT
 thresholds. docs/metrics.md describes every metric here.
+
+The TTFT, inter-token, end-to-end and queue-time histograms carry exemplars (request id and trace
+id) so that a point on a latency panel leads to the log line of a request that made it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,18 @@ from prometheus_client import (
 from llmserve.sidecar.bulk_histogram import BulkHistogram
 from llmserve.sidecar.key_metrics import KeyCounter, KeyGauge, MetricsRegistry
 
-__all__ = ["ITL_BUCKETS", "LATENCY_BUCKETS", "RATE_BUCKETS", "TTFT_BUCKETS", "Metrics"]
+__all__ = [
+    "EXEMPLAR_MAX_CHARS",
+    "ITL_BUCKETS",
+    "LATENCY_BUCKETS",
+    "RATE_BUCKETS",
+    "TTFT_BUCKETS",
+    "Metrics",
+    "exemplar_labels",
+]
+
+# OpenMetrics: an exemplar's label names and values together are at most 128 UTF-8 characters.
+EXEMPLAR_MAX_CHARS = 128
 
 # `*_created` series double the exposition size and no rule or dashboard here uses them.
 disable_created_metrics()
@@ -137,6 +151,16 @@ TOKEN_BUCKETS = (
     500_000,
     1_000_000,
 )
+
+
+def exemplar_labels(request_id: str, trace_id: str | None) -> dict[str, str]:
+    """A request's exemplar labels: its trace id (32 hex digits, checked by the protocol) when it
+    has one, and as much of its request id as then fits in OpenMetrics' bound. The request id is
+    the caller's text; the exposition escapes it."""
+    labels = {"trace_id": trace_id} if trace_id else {}
+    room = EXEMPLAR_MAX_CHARS - len("request_id") - sum(map(len, [*labels, *labels.values()]))
+    labels["request_id"] = request_id[:room]
+    return labels
 
 
 class Metrics:

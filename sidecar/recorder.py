@@ -33,7 +33,7 @@ from llmserve.shared.protocol import (
     Start,
     State,
 )
-from llmserve.sidecar.metrics import Metrics
+from llmserve.sidecar.metrics import Metrics, exemplar_labels
 from llmserve.sidecar.request_log import RecentProblems
 from llmserve.sidecar.stats import RollingStats
 
@@ -48,7 +48,7 @@ SERVER_SILENT_SECONDS = 5.0
 SERVER_FORGET_SECONDS = 300.0
 _STATE_FIELDS = ("running", "waiting", "kv_usage", "ready", "draining")
 _MAX_LIVE = 100_000
-_UNKNOWN = ("unknown", "unknown")
+_UNKNOWN: tuple[str, str, dict[str, str]] = ("unknown", "unknown", {})
 
 RequestLogger = Callable[[dict[str, Any]], None]
 
@@ -77,8 +77,9 @@ class _Instance:
     last_seq: int = 0
     dropped: int = 0
     unsendable: int = 0
-    # req -> (model, key) for requests whose start was seen, so gaps can be attributed.
-    live: dict[int, tuple[str, str]] = field(default_factory=dict)
+    # req -> (model, key, exemplar labels) for requests whose start was seen, so that first
+    # tokens and gaps can be attributed.
+    live: dict[int, tuple[str, str, dict[str, str]]] = field(default_factory=dict)
     # When it last reported its state (every second while it runs); 0 = never.
     last_state: float = 0.0
     first_seen: float = field(default_factory=time.monotonic)
@@ -214,15 +215,16 @@ class Recorder:
                 if len(instance.live) >= _MAX_LIVE:
                     # Only lost `end` events leave entries behind; do not let them pile up.
                     instance.live.clear()
-                instance.live[event.req] = (event.model, event.key)
+                exemplar = exemplar_labels(event.rid, event.trace_id)
+                instance.live[event.req] = (event.model, event.key, exemplar)
             case First():
-                model, key = instance.live.get(event.req, _UNKNOWN)
+                model, key, exemplar = instance.live.get(event.req, _UNKNOWN)
                 ttft = _seconds(event.ttft_ns)
-                self.metrics.ttft.labels(model).observe(ttft)
+                self.metrics.ttft.labels(model).observe(ttft, exemplar or None)
                 self.stats.first_token(model, key, ttft)
             case Gaps():
-                model, key = instance.live.get(event.req, _UNKNOWN)
-                counts = self.metrics.inter_token.observe_many(model, event.gaps_us)
+                model, key, exemplar = instance.live.get(event.req, _UNKNOWN)
+                counts = self.metrics.inter_token.observe_many(model, event.gaps_us, exemplar)
                 self.stats.gaps(model, key, counts, len(event.gaps_us))
             case End():
                 instance.live.pop(event.req, None)
@@ -275,9 +277,10 @@ class Recorder:
 
         m.requests.labels(model, event.endpoint, status).inc()
         m.key_requests.labels(key_label, status).inc()
-        m.request_duration.labels(model).observe(_seconds(event.e2e_ns))
+        exemplar = exemplar_labels(event.rid, event.trace_id)
+        m.request_duration.labels(model).observe(_seconds(event.e2e_ns), exemplar)
         if event.queue_ns is not None:
-            m.queue_time.labels(model).observe(_seconds(event.queue_ns))
+            m.queue_time.labels(model).observe(_seconds(event.queue_ns), exemplar)
         if status in ("ok", "cancelled"):
             m.prompt_tokens.labels(model).inc(prompt)
             m.generation_tokens.labels(model).inc(completion)

@@ -1,8 +1,9 @@
 """One JSON line per finished request: to stdout (journald), an optional file, and Loki; and the
 last few errors and cancellations kept in memory for the status page.
 
-The line carries identifiers, counts and timings only. Prompt and completion text never reach
-the sidecar, and API keys appear only as their names.
+The line carries identifiers (the request id, and the W3C trace and span ids when the request
+came with a trace context, which the latency exemplars carry too), counts and timings only. Prompt
+and completion text never reach the sidecar, and API keys appear only as their names.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def request_fields(event: dict[str, Any]) -> dict[str, Any]:
     tpot = generation / (completion - 1) / 1e9 if completion > 1 and generation else None
     return {
         "request_id": event["rid"],
+        "trace_id": event.get("trace_id"),
+        "span_id": event.get("span_id"),
         "key": event["key"],
         "model": event["model"],
         "endpoint": event["endpoint"],
@@ -91,6 +94,8 @@ class RequestLog:
                 **fields,
             }
             metadata = {"request_id": fields["request_id"], "key": fields["key"]}
+            if fields["trace_id"] is not None:
+                metadata["trace_id"] = fields["trace_id"]
             self.loki.push(json.dumps(line), level, metadata)
 
 

@@ -82,6 +82,13 @@ def test_every_mounted_file_is_in_the_repository_and_read_where_it_is_mounted() 
     assert grafana["/etc/grafana/provisioning/datasources"] == "grafana/provisioning/datasources"
 
 
+def test_prometheus_keeps_the_exemplars() -> None:
+    """Prometheus 2.x drops exemplars unless the feature is on; prometheus.yml bounds them."""
+    assert "--enable-feature=exemplar-storage" in services()["prometheus"]["command"]
+    shipped = yaml.safe_load((ROOT / "prometheus" / "prometheus.yml").read_text())
+    assert shipped["storage"]["exemplars"]["max_exemplars"] > 0
+
+
 def test_loki_can_write_its_data_directory() -> None:
     stack = services()
     loki_config = yaml.safe_load((ROOT / "loki" / "loki.yaml").read_text())

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,10 @@ import pytest
 import yaml
 
 from llmserve.sidecar.gpu import GPU_METRICS
-from llmserve.sidecar.metrics import Metrics
+from llmserve.sidecar.metrics import Metrics, exemplar_labels
+from llmserve.sidecar.request_log import request_fields
+from tests.test_logql import parse_errors
+from tests.test_sidecar_events import end_fields
 
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("generate", ROOT / "grafana" / "generate.py")
@@ -37,6 +41,65 @@ def exported_names() -> set[str]:
 def test_committed_dashboards_are_what_the_generator_writes() -> None:
     committed = {p.name: p.read_text() for p in (ROOT / "grafana" / "dashboards").glob("*.json")}
     assert committed == generate.render(), "run: python grafana/generate.py"
+    datasources = ROOT / "grafana" / "provisioning" / "datasources" / "llmserve.yml"
+    assert datasources.read_text() == generate.datasources(), "run: python grafana/generate.py"
+
+
+def followed(url: str, value: str) -> str:
+    """The LogQL a link opens once Grafana has read the provisioning file ($$ is a literal $)
+    and put `value` in place of ${__value.raw}."""
+    url = url.replace("$$", "$").replace("${__value.raw}", value)
+    path, _, query = url.partition("?")
+    assert path == "/explore"
+    panes = json.loads(urllib.parse.parse_qs(query)["panes"][0])
+    (pane,) = panes.values()
+    (target,) = pane["queries"]
+    assert pane["datasource"] == target["datasource"]["uid"] == "llmserve-loki"
+    assert pane["range"] == {"from": "${__from}", "to": "${__to}"}
+    return str(target["expr"])
+
+
+def test_exemplars_and_log_fields_link_to_the_request_log_lines() -> None:
+    """An exemplar's request_id and trace_id, and the same fields in a log line, each open Loki
+    on the log lines of that request or trace; the queries parse with Grafana's LogQL parser."""
+    provisioned = yaml.safe_load(generate.datasources())["datasources"]
+    prometheus, loki = provisioned
+    destinations = prometheus["jsonData"]["exemplarTraceIdDestinations"]
+    derived = loki["jsonData"]["derivedFields"]
+    # The names are the exemplar labels the sidecar writes.
+    labels = exemplar_labels("req-1", "4bf92f3577b34da6a3ce929d0e0e4736")
+    assert {d["name"] for d in destinations} == {d["name"] for d in derived} == set(labels)
+    line = json.dumps(
+        request_fields(
+            {**end_fields("req-1"), "trace_id": labels["trace_id"], "span_id": "00f067aa0ba902b7"}
+        )
+    )
+    queries = []
+    for link in [*destinations, *derived]:
+        value = labels[link["name"]]
+        query = followed(link["url"], value)
+        assert value in query
+        queries.append(query)
+    for field in derived:
+        assert field["matcherType"] == "regex"
+        assert re.search(field["matcherRegex"], line)[1] == labels[field["name"]]  # type: ignore[index]
+    assert parse_errors(queries) == [[] for _ in queries]
+
+
+def test_the_latency_panels_show_exemplars() -> None:
+    shown = {
+        (name, panel["title"])
+        for name, panel in PANELS
+        if any(target.get("exemplar") for target in panel["targets"])
+    }
+    assert shown == {
+        ("llmserve-overview.json", "Time to first token"),
+        ("llmserve-overview.json", "Request duration"),
+        ("llmserve-overview.json", "Inter-token latency"),
+        ("llmserve-latency.json", "Time to first token (heatmap)"),
+        ("llmserve-latency.json", "Inter-token latency (heatmap)"),
+        ("llmserve-latency.json", "Request duration (heatmap)"),
+    }
 
 
 @pytest.mark.parametrize(("board", "panel"), PANELS, ids=[f"{b}:{p['title']}" for b, p in PANELS])

@@ -55,6 +55,9 @@ def pusher(url: str, **kw: Any) -> LokiPusher:
     )
 
 
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
 async def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> None:
     for _ in range(int(seconds / 0.02)):
         if condition():
@@ -71,7 +74,8 @@ async def test_push_matches_lokis_documented_format(aiohttp_server: Receiver) ->
     log = RequestLog("llmserve", push)
     log(end_event(1, "req-ok"))
     log(end_event(2, "req-bad", key="globex", status="error"))
-    await wait_for(lambda: len(loki.lines) == 2)
+    log({**end_event(3, "req-traced"), "trace_id": TRACE_ID, "span_id": "00f067aa0ba902b7"})
+    await wait_for(lambda: len(loki.lines) == 3)
     await push.stop()
 
     (body,) = loki.pushes
@@ -82,9 +86,12 @@ async def test_push_matches_lokis_documented_format(aiohttp_server: Receiver) ->
         assert stream["stream"] == {"service_name": "llmserve", "env": "test", "level": level}
         for ts, line, metadata in stream["values"]:
             assert isinstance(ts, str) and ts.isdigit() and len(ts) == 19
-            assert set(metadata) == {"request_id", "key"}
-            assert all(isinstance(v, str) for v in metadata.values())
             fields = json.loads(line)
+            # The trace id too, for requests that came with one.
+            traced = {"trace_id"} if fields["trace_id"] else set()
+            assert set(metadata) == {"request_id", "key"} | traced
+            assert all(isinstance(v, str) for v in metadata.values())
+            assert fields["trace_id"] == metadata.get("trace_id")
             assert fields["request_id"] == metadata["request_id"]
             assert fields["key"] == metadata["key"]
             assert fields["level"] == level and fields["msg"] == "request finished"

@@ -1,6 +1,6 @@
 """The sidecar renders its per-key families itself (sidecar.key_metrics): its /metrics must say
-what prometheus_client would say of the same values, pass Prometheus' own checker, and leave the
-event loop free to ingest events while it renders."""
+what prometheus_client would say of the same values (in the text format and in OpenMetrics), pass
+Prometheus' own checker, and leave the event loop free to ingest events while it renders."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmserve.sidecar import key_metrics
@@ -43,7 +44,7 @@ def update(family_set: tuple[Any, ...], step: int, labels: list[str]) -> None:
         limit.labels("rpm", label).set(GAUGE_VALUES[(i + step) % len(GAUGE_VALUES)])
 
 
-async def test_key_families_render_exactly_what_prometheus_client_renders():
+async def test_key_families_render_exactly_what_prometheus_client_renders() -> None:
     ours, theirs = MetricsRegistry(), CollectorRegistry()
     mine = families(ours, KeyCounter, KeyGauge)
     reference = families(theirs, Counter, Gauge)
@@ -53,6 +54,8 @@ async def test_key_families_render_exactly_what_prometheus_client_renders():
         update(reference, step, labels)
         expected = generate_latest(theirs)
         assert await ours.exposition() == expected
+        # What a scraper that asks for OpenMetrics (Prometheus does) gets.
+        assert await ours.exposition(openmetrics=True) == openmetrics_latest(theirs)
         # What generic readers of the registry (get_sample_value, the docs tests) see.
         assert generate_latest(ours) == expected
     series = {"key": 'say "hi"', "status": "ok"}

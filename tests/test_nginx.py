@@ -34,6 +34,7 @@ def runnable_config(directory: Path, port: int, replicas: list[str]) -> Path:
         snippet = snippet.replace(line, re.sub(r"127\.0\.0\.1:\d+", replica, line))
     snippet = snippet.replace("listen 443 ssl http2;", f"listen 127.0.0.1:{port};")
     snippet = re.sub(r"^\s*ssl_certificate\S* [^;]*;$", "", snippet, flags=re.M)
+    snippet = snippet.replace("/var/log/nginx/", f"{directory}/")
     (directory / "llmserve.conf").write_text(snippet)
     temp = " ".join(
         f"{kind}_temp_path {directory}/{kind};" for kind in ("client_body", "proxy", "fastcgi")
@@ -95,6 +96,25 @@ async def test_tokens_pass_through_unbuffered_with_the_clients_request_id(
         async with session.post(f"{base}/v1/chat/completions", json=BODY) as response:
             assert re.fullmatch(r"[0-9a-f]{32}", response.headers["x-request-id"])
             await response.read()
+
+
+async def test_the_trace_context_passes_through_and_is_logged(
+    proxied: tuple[str, list[Process]], tmp_path: Path
+) -> None:
+    base, _ = proxied
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    traceparent = f"00-{trace_id}-00f067aa0ba902b7-01"
+    headers = {"X-Request-Id": "traced-through-nginx", "traceparent": traceparent}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{base}/v1/chat/completions", json=BODY, headers=headers
+        ) as response:
+            assert response.status == 200
+            await response.read()
+            # The replica saw the caller's trace and continued it.
+            assert response.headers["traceparent"].split("-")[1] == trace_id
+    log = (tmp_path / "llmserve.access.log").read_text()
+    assert f'request_id=traced-through-nginx traceparent="{traceparent}"' in log
 
 
 async def test_a_draining_replica_is_routed_around(proxied: tuple[str, list[Process]]):

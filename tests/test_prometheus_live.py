@@ -98,6 +98,8 @@ class Prometheus(Daemon):
                 # The runbook_base that the alerts' runbook_url is made of.
                 "external_labels": SHIPPED_CONFIG["global"]["external_labels"],
             },
+            # Where the exemplars are kept, as shipped.
+            "storage": SHIPPED_CONFIG["storage"],
             "rule_files": [str(path) for path in rule_files],
             "scrape_configs": [
                 {"job_name": "llmserve-sidecar", "static_configs": [{"targets": targets}]}
@@ -113,12 +115,25 @@ class Prometheus(Daemon):
             "prometheus",
             f"--config.file={self.config}",
             f"--storage.tsdb.path={self.directory / 'data'}",
+            # As deployed (docs/deployment.md): exemplars are kept and can be queried.
+            "--enable-feature=exemplar-storage",
         )
 
     async def query(self, session: aiohttp.ClientSession, expr: str) -> dict[str, Any]:
         url = f"{self.url}/api/v1/query"
         async with session.post(url, data={"query": expr}) as response:
             return dict(await response.json())
+
+    async def exemplars(
+        self, session: aiohttp.ClientSession, expr: str, start: float, end: float
+    ) -> list[dict[str, Any]]:
+        """/api/v1/query_exemplars: each series with the exemplars it was scraped with."""
+        url = f"{self.url}/api/v1/query_exemplars"
+        form = {"query": expr, "start": str(start), "end": str(end)}
+        async with session.post(url, data=form) as response:
+            answer = await response.json()
+        assert answer["status"] == "success", f"{expr}: {answer.get('error')}"
+        return list(answer["data"])
 
     async def label_values(
         self, session: aiohttp.ClientSession, label: str, selector: str

@@ -7,8 +7,12 @@ has its limit gauges) and a finished streaming request (so every key has its usa
 Then /metrics and /stats are fetched several times and timed. Then every key makes one more
 request and /metrics is fetched once more while /health is polled: the slowest /health answer
 is how long a scrape stops the sidecar's event loop, and so its event ingestion, at a stretch.
+With --openmetrics every request carries a trace context and every scrape asks for OpenMetrics
+as Prometheus does, so the latency histograms come with their exemplars.
 
     .venv/bin/python scripts/benchmarks/key_cardinality.py --json docs/benchmarks/keys.json
+    .venv/bin/python scripts/benchmarks/key_cardinality.py --openmetrics \
+        --json docs/benchmarks/keys_exemplars.json
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from llmserve.server.keys import KeyEntry
 from llmserve.server.ratelimit import MemoryLimiter
 from llmserve.server.ratelimit.admission import KeyAdmission
 from llmserve.server.telemetry import RequestTelemetry
+from llmserve.server.trace_context import TraceContext
 from llmserve.shared.client import EventSender
 
 
@@ -55,11 +60,21 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return round(current, 1), round(peak, 1)
 
 
-async def customers(sender: EventSender, admission: KeyAdmission, keys: int, round_: int) -> None:
+# What Prometheus asks for when it scrapes.
+OPENMETRICS_ACCEPT = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+
+
+async def customers(
+    sender: EventSender, admission: KeyAdmission, keys: int, round_: int, *, traced: bool
+) -> None:
     for i in range(keys):
-        entry = KeyEntry(name=f"customer-{i:05d}", sha256="0" * 64, rpm=600, tpm=100_000)
+        entry = KeyEntry.model_validate(
+            {"name": f"customer-{i:05d}", "sha256": "0" * 64, "rpm": 600, "tpm": 100_000}
+        )
         rid = f"bench-{round_}-{i}"
-        decision = await admission.admit(entry, 120, rid)
+        # The request's own limits, then its token reservation, as the server charges them.
+        request = await admission.admit_request(entry, rid)
+        reservation = await admission.admit_tokens(entry, 120, rid)
         telemetry = RequestTelemetry(
             sender,
             request_id=rid,
@@ -68,11 +83,14 @@ async def customers(sender: EventSender, admission: KeyAdmission, keys: int, rou
             endpoint="chat",
             received_ns=time.monotonic_ns(),
         )
+        if traced:
+            telemetry.trace = TraceContext(f"{round_:016x}{i:016x}", f"{i:016x}", "01", None)
         telemetry.started(stream=True, prompt_tokens=20, queue_ns=1000)
         for _ in range(10):
             telemetry.written(1)
         telemetry.finished("ok", 200, completion=Completion("length", 20, 10))
-        admission.finish(decision, 30)
+        admission.finish(request, 0)
+        admission.finish(reservation, 30)
         if i % 200 == 0:
             # Let the sender flush: the sidecar reads as fast as we write.
             await asyncio.sleep(0.01)
@@ -83,10 +101,13 @@ async def finished_requests(session: aiohttp.ClientSession, base: str) -> int:
         return int((await response.json())["sidecar"]["requests_finished"])
 
 
-async def timed_get(session: aiohttp.ClientSession, url: str) -> tuple[float, int]:
+async def timed_get(
+    session: aiohttp.ClientSession, url: str, accept: str = "*/*"
+) -> tuple[float, int]:
     """Seconds to the whole answer, and its size as sent: gzip, as Prometheus asks for it."""
     started = time.perf_counter()
-    async with session.get(url, headers={"Accept-Encoding": "gzip"}) as response:
+    headers = {"Accept-Encoding": "gzip", "Accept": accept}
+    async with session.get(url, headers=headers) as response:
         body = await response.read()
     return time.perf_counter() - started, len(body)
 
@@ -98,8 +119,10 @@ async def all_finished(session: aiohttp.ClientSession, base: str, count: int) ->
         await asyncio.sleep(0.2)
 
 
-async def longest_health_during_scrape(session: aiohttp.ClientSession, base: str) -> float:
-    scrape = asyncio.create_task(timed_get(session, f"{base}/metrics"))
+async def longest_health_during_scrape(
+    session: aiohttp.ClientSession, base: str, accept: str
+) -> float:
+    scrape = asyncio.create_task(timed_get(session, f"{base}/metrics", accept))
     longest = 0.0
     while not scrape.done():
         seconds, _ = await timed_get(session, f"{base}/health")
@@ -133,17 +156,20 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             sender = EventSender(socket_path, max_buffered=1_000_000)
             admission = KeyAdmission(MemoryLimiter(), fail_open=True, events=sender)
             progress(f"{args.keys} keys: one limit decision and one request each")
-            await customers(sender, admission, args.keys, 1)
+            accept = OPENMETRICS_ACCEPT if args.openmetrics else "*/*"
+            await customers(sender, admission, args.keys, 1, traced=args.openmetrics)
             await all_finished(session, base, args.keys)
-            metrics = [await timed_get(session, f"{base}/metrics") for _ in range(args.scrapes)]
+            metrics = [
+                await timed_get(session, f"{base}/metrics", accept) for _ in range(args.scrapes)
+            ]
             stats = [await timed_get(session, f"{base}/stats") for _ in range(args.scrapes)]
             progress("every key again, then a scrape while /health is polled")
-            await customers(sender, admission, args.keys, 2)
+            await customers(sender, admission, args.keys, 2, traced=args.openmetrics)
             await all_finished(session, base, 2 * args.keys)
             sender.close()
-            health_max = await longest_health_during_scrape(session, base)
+            health_max = await longest_health_during_scrape(session, base, accept)
             async with session.get(
-                f"{base}/metrics", headers={"Accept-Encoding": "identity"}
+                f"{base}/metrics", headers={"Accept-Encoding": "identity", "Accept": accept}
             ) as response:
                 text = await response.text()
             loaded_rss = rss_mb(proc.pid)
@@ -153,6 +179,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     keys_seen = len(set(re.findall(r'key="(customer-\d+)"', text)))
     return {
         "keys": args.keys,
+        "openmetrics": args.openmetrics,
+        "exemplars": text.count(" # {"),
         "keys_in_metrics": keys_seen,
         "series": sum(1 for line in text.splitlines() if line and not line.startswith("#")),
         "metrics_bytes": len(text.encode()),
@@ -175,6 +203,9 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=10_000)
     parser.add_argument("--scrapes", type=int, default=5)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--openmetrics", action="store_true", help="traced requests, OpenMetrics scrapes"
+    )
     args = parser.parse_args()
     report = asyncio.run(measure(args))
     text = json.dumps(report, indent=2)
