@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestServer
 from redis.asyncio.cluster import RedisCluster
 
 from llmserve.server.app_keys import SERVICE
-from llmserve.server.keys import KeyStore
+from llmserve.server.keys import KeyEntry, KeyStore, hash_secret, write_keys
 from llmserve.server.ratelimit.redis_limiter import RedisLimiter, connect
 from tests.conftest import ServerFactory, synthetic_engine
 from tests.redis_topologies import Cluster, SentinelGroup, command, eventually
@@ -112,37 +112,42 @@ async def replicas(
     return servers
 
 
-async def spread(servers: list[TestServer], count: int, **request: Any) -> list[int]:
-    """`count` requests at once, dealt round the replicas; their statuses."""
-    results = await asyncio.gather(
-        *(post(servers[i % len(servers)], **request) for i in range(count))
-    )
-    return [status for status, _, _ in results]
+# Three keys, one limit each, and the burst each gets: (limits, request, requests, limit).
+BURSTS: dict[str, tuple[dict[str, int], dict[str, Any], int, int]] = {
+    "rpm": ({"rpm": 5}, {}, 12, 5),
+    # 1 prompt token + 3099: two fit in 6200.
+    "tpm": ({"tpm": 6200}, {"max_tokens": 3099}, 8, 2),
+    # Streams of 300 tokens at 100 a second outlast the burst.
+    "concurrency": ({"concurrency": 3}, {"stream": True, "max_tokens": 300}, 12, 3),
+}
 
 
-@pytest.mark.parametrize(
-    ("limits", "request_", "count", "limit"),
-    [
-        ({"rpm": 5}, {}, 12, 5),
-        # 1 prompt token + 3099: two fit in 6200.
-        ({"tpm": 6200}, {"max_tokens": 3099}, 8, 2),
-        # Streams of 300 tokens at 100 a second outlast the burst.
-        ({"concurrency": 3}, {"stream": True, "max_tokens": 300}, 12, 3),
-    ],
-    ids=["rpm", "tpm", "concurrency"],
-)
 async def test_limits_hold_exactly_across_four_replicas(
-    serve: ServerFactory,
-    short_tmp: str,
-    topology: Topology,
-    limits: dict[str, int],
-    request_: dict[str, Any],
-    count: int,
-    limit: int,
+    serve: ServerFactory, short_tmp: str, topology: Topology
 ) -> None:
-    servers = await replicas(serve, topology, keys_file(short_tmp, **limits))
-    statuses = await spread(servers, count, **request_)
-    assert sorted(statuses) == [200] * limit + [429] * (count - limit)
+    keys = Path(short_tmp) / "keys.toml"
+    write_keys(
+        keys,
+        {
+            name: KeyEntry(name=name, sha256=hash_secret(f"sk-{name}"), **limits)
+            for name, (limits, *_) in BURSTS.items()
+        },
+    )
+    servers = await replicas(serve, topology, keys)
+    # Every burst at once, each dealt round the replicas.
+    bursts = {
+        name: [post(servers[i % REPLICAS], secret=f"sk-{name}", **request) for i in range(count)]
+        for name, (_, request, count, _) in BURSTS.items()
+    }
+    answers = await asyncio.gather(*(asyncio.gather(*burst) for burst in bursts.values()))
+    admitted = {
+        name: sum(1 for status, _, _ in results if status == 200)
+        for name, results in zip(bursts, answers, strict=True)
+    }
+    statuses = {status for results in answers for status, _, _ in results}
+    assert statuses == {200, 429}
+    assert admitted == {name: limit for name, (*_, limit) in BURSTS.items()}
+    print(f"\n{topology.mode}: admitted {admitted} across {REPLICAS} replicas")
 
 
 @dataclass
