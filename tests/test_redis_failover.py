@@ -23,7 +23,7 @@ from redis.asyncio.cluster import RedisCluster
 from llmserve.server.app_keys import SERVICE
 from llmserve.server.keys import KeyEntry, KeyStore, hash_secret, write_keys
 from llmserve.server.ratelimit.redis_limiter import RedisLimiter, connect
-from tests.conftest import ServerFactory, synthetic_engine
+from tests.conftest import ServerFactory, free_port, synthetic_engine
 from tests.redis_topologies import Cluster, SentinelGroup, command, eventually
 from tests.test_ratelimit import SECRET, keys_file, post
 from tests.test_ratelimit_slow_redis import TPD, Books
@@ -250,3 +250,27 @@ async def test_a_failover_under_streaming_load(
         f"{refused} refused (503), {errors} limiter errors, failover "
         f"{failed_over - killed:.1f} s, exact again {exact_again - killed:.1f} s after the kill"
     )
+
+
+@pytest.mark.parametrize(("policy", "expected"), [("fail_open", 200), ("fail_closed", 503)])
+async def test_a_cluster_with_no_node_reachable_follows_the_policy(
+    serve: ServerFactory, short_tmp: str, policy: str, expected: int
+) -> None:
+    # redis-py says so with RedisClusterException, which is not a RedisError: it once escaped
+    # the limiter as a 500.
+    limiter = RedisLimiter(
+        connect("cluster", f"redis://127.0.0.1:{free_port()}/0", None),
+        timeout_seconds=0.5,
+        lease_seconds=5,
+    )
+    server = await serve(
+        synthetic_engine(first_token_seconds="0", token_interval_seconds="0"),
+        keys=KeyStore(keys_file(short_tmp, concurrency=2, tpd=TPD)),
+        limiter=limiter,
+        **{"engine.kind": "synthetic", "ratelimit.failure_policy": policy},
+    )
+    status, _, body = await post(server)
+    assert status == expected, body
+    if policy == "fail_closed":
+        assert body["error"]["code"] == "rate_limiter_unavailable"
+    assert server.app[SERVICE].limits.backend_errors >= 1
