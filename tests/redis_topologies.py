@@ -207,7 +207,7 @@ class SentinelGroup:
             f"port {port}\nbind 127.0.0.1\ndir {self.directory}\n"
             f"sentinel monitor {self.NAME} 127.0.0.1 {self.master_port} 2\n"
             f"sentinel down-after-milliseconds {self.NAME} 1000\n"
-            f"sentinel failover-timeout {self.NAME} 5000\n"
+            f"sentinel failover-timeout {self.NAME} 2000\n"
         )
         return path
 
