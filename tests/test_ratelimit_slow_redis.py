@@ -493,3 +493,19 @@ async def test_a_cluster_slot_moved_mid_lease_keeps_the_books(cluster: Cluster) 
     await limiter.finish(second.reservation, 10)
     assert await Books(cluster.nodes[1 - owner]).balanced(50)
     await limiter.close()
+
+
+@pytest.mark.parametrize(("policy", "status"), [("fail_open", 200), ("fail_closed", 503)])
+async def test_any_error_from_the_redis_client_follows_the_policy(
+    serve: ServerFactory, short_tmp: str, redis_server: RedisServer, policy: str, status: int
+) -> None:
+    """redis-py's own code raised an AttributeError (a connection torn down mid-send) in a
+    clean-clone run of the Cluster tests, and the request got a 500."""
+    limiter = slow_redis_limiter(redis_server)
+
+    async def broken(**_: Any) -> Any:
+        raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+    limiter._admit = broken
+    server = await limited_server(serve, short_tmp, limiter, policy)
+    assert (await post(server))[0] == status

@@ -29,7 +29,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import AskError, RedisClusterException, RedisError
+from redis.exceptions import AskError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -113,8 +113,11 @@ class RedisLimiter(Limiter):
                 f"Redis answered {type(exc).__name__} ({exc}): it is a Cluster; "
                 'set ratelimit.redis_mode = "cluster"'
             ) from None
-        # A Cluster client with no node to reach says so with an exception outside RedisError.
-        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+        # A Cluster client with no node to reach says so with an exception outside RedisError,
+        # and redis-py's connection code has failed with others (an AttributeError on a
+        # connection torn down mid-send, under concurrent script loads on a Cluster). Whatever
+        # the client raises, the limiter is unavailable and the failure policy decides.
+        except Exception as exc:
             raise LimiterUnavailable(f"{type(exc).__name__}: {exc}") from None
 
     async def admit(self, key: KeyEntry, tokens: int) -> Decision:
