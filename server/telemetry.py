@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from typing import Any
 
 from llmserve.server.engines.base import Completion
 from llmserve.server.trace_context import TraceContext
@@ -71,29 +72,27 @@ class RequestTelemetry:
         self._ended = False
         self.trace: TraceContext | None = None
 
-    def _trace_ids(self) -> tuple[str | None, str | None]:
+    def _request_fields(self) -> dict[str, Any]:
+        """What `start` and `end` both say of the request (their RequestEvent base)."""
         trace = self.trace
-        return (None, None) if trace is None else (trace.trace_id, trace.span_id)
+        return {
+            "req": self._req,
+            "rid": self.request_id,
+            "key": self.key,
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "stream": self.stream,
+            "trace_id": None if trace is None else trace.trace_id,
+            "span_id": None if trace is None else trace.span_id,
+        }
 
     def started(self, *, stream: bool, prompt_tokens: int, queue_ns: int) -> None:
         self.stream = stream
         self.prompt_tokens = prompt_tokens
         self.queue_ns = queue_ns
         if self._sender is not None:
-            trace_id, span_id = self._trace_ids()
             self._sender.send(
-                Start(
-                    req=self._req,
-                    rid=self.request_id,
-                    key=self.key,
-                    model=self.model,
-                    endpoint=self.endpoint,
-                    stream=stream,
-                    prompt_tokens=prompt_tokens,
-                    queue_ns=queue_ns,
-                    trace_id=trace_id,
-                    span_id=span_id,
-                )
+                Start(**self._request_fields(), prompt_tokens=prompt_tokens, queue_ns=queue_ns)
             )
 
     def written(self, tokens: int) -> None:
@@ -140,14 +139,8 @@ class RequestTelemetry:
         self._ended = True
         now = time.monotonic_ns()
         self._flush_gaps(now)
-        trace_id, span_id = self._trace_ids()
         event = End(
-            req=self._req,
-            rid=self.request_id,
-            key=self.key,
-            model=self.model,
-            endpoint=self.endpoint,
-            stream=self.stream,
+            **self._request_fields(),
             status=status,
             http_status=http_status,
             finish_reason=None,
@@ -163,8 +156,6 @@ class RequestTelemetry:
             prefill_ns=None,
             decode_ns=None,
             gen_ns=self._stamps[-1] - self._first_ns if self._stamps else 0,
-            trace_id=trace_id,
-            span_id=span_id,
         )
         if completion is not None:
             event.finish_reason = completion.finish_reason
