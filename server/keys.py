@@ -1,4 +1,5 @@
-"""API keys: key names, SHA-256 hashes of their secrets, model lists, limits and lifetimes.
+"""API keys: key names, SHA-256 hashes of their secrets, model lists, limits, scheduling
+weights and lifetimes.
 
 The secret itself is shown once, when `llmserve keys create` makes it, and never stored. A key
 is found by the hash of the presented secret and confirmed with a constant-time comparison. A
@@ -58,6 +59,9 @@ log = logging.getLogger("llmserve.keys")
 Limit = Annotated[int, Field(ge=1)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 _USAGE_WRITE_SECONDS = 60.0
+_DEFAULT_WEIGHT = 1.0
+# A bound, so that a typo (1e9 for 1.9) cannot hand one key the whole server for good.
+_MAX_WEIGHT = 1000.0
 _HEADER = (
     "# llmserve API keys: names, SHA-256 hashes of the secrets, models and limits.\n"
     "# The secrets were shown once, when each key was created. Keep this file mode 600.\n"
@@ -91,6 +95,15 @@ class KeyEntry(BaseModel):
     )
     previous_expires: AwareDatetime | None = None
     models: list[str] | None = Field(None, description="Models this key may use (None: all).")
+    # Strict: a boolean or a string ("2") is a mistake in the file, not a number to coerce.
+    weight: float = Field(
+        _DEFAULT_WEIGHT,
+        strict=True,
+        gt=0,
+        le=_MAX_WEIGHT,
+        allow_inf_nan=False,
+        description="Share of the server when keys compete: weight 2 gets twice weight 1's.",
+    )
     limits: dict[str, Limit] = Field(default_factory=dict, description="Limit kind -> limit.")
 
     @model_validator(mode="before")
@@ -105,9 +118,15 @@ class KeyEntry(BaseModel):
         return {**{n: v for n, v in data.items() if n not in names}, "limits": limits}
 
     @model_serializer(mode="wrap")
-    def _spread_limits(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+    def _stored_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The fields as the file and Redis hold them: each limit a field, the default weight
+        left out."""
         fields: dict[str, Any] = handler(self)
         limits = fields.pop("limits", None) or {}
+        # An absent weight reads as the default, so leaving it out keeps the files and Redis
+        # entries of keys that never had one exactly as they were.
+        if self.weight == _DEFAULT_WEIGHT:
+            fields.pop("weight", None)
         return {**fields, **{k.name: limits[k.name] for k in KINDS if k.name in limits}}
 
     @model_validator(mode="after")

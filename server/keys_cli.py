@@ -115,7 +115,7 @@ def add_keys_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     )
     actions = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     create = actions.add_parser("create", help="make a key and print its secret once")
-    change = actions.add_parser("set", help="change a key's limits, models or expiry")
+    change = actions.add_parser("set", help="change a key's limits, models, weight or expiry")
     for parser in (create, change):
         parser.add_argument("name")
         for kind in KINDS:
@@ -131,6 +131,15 @@ def add_keys_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
             "--models",
             default=argparse.SUPPRESS,
             help="comma-separated models this key may use; empty for all",
+        )
+        parser.add_argument(
+            "--weight",
+            # Parsed only as a number here: KeyEntry says what is out of range, as for the file.
+            type=float,
+            metavar="W",
+            default=argparse.SUPPRESS,
+            help="share of the server when keys compete: a weight-2 key gets twice a weight-1 "
+            "key's (default 1, at most 1000)",
         )
         parser.add_argument(
             "--expires",
@@ -150,7 +159,9 @@ def add_keys_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
         required=True,
         help="when the old secret stops working: an ISO 8601 time, a span (7d, 24h), or now",
     )
-    actions.add_parser("list", help="list keys: limits, models, created, expires, last used")
+    actions.add_parser(
+        "list", help="list keys: limits, models, weight, created, expires, last used"
+    )
     revoke = actions.add_parser("revoke", help="delete a key; it is refused from then on")
     revoke.add_argument("name")
     import_ = actions.add_parser("import", help="copy every key of a keys file into the store")
@@ -171,7 +182,9 @@ def run_keys_command(args: argparse.Namespace, config: Config) -> int:
         print(f"llmserve keys: {exc}", file=sys.stderr)
         return 1
     except ValidationError as exc:
-        print(f"llmserve keys: not a valid key: {invalid_fields(exc)}", file=sys.stderr)
+        # Only create and set validate, and both name the key.
+        reason = invalid_fields(exc)
+        print(f"llmserve keys: {args.name!r} is not a valid key: {reason}", file=sys.stderr)
         return 1
     except RedisError as exc:
         print(f"llmserve keys: Redis: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -246,13 +259,15 @@ def _run(args: argparse.Namespace, keys: _Keys) -> int:
 
 
 def _changes(args: argparse.Namespace) -> dict[str, object]:
-    """The limits, models and expiry given on the command line, and only those."""
+    """The limits, models, weight and expiry given on the command line, and only those."""
     given: dict[str, object] = {
         k.name: getattr(args, k.name) for k in KINDS if hasattr(args, k.name)
     }
     if hasattr(args, "models"):
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         given["models"] = models or None
+    if hasattr(args, "weight"):
+        given["weight"] = args.weight
     if hasattr(args, "expires"):
         given["expires"] = args.expires
     return given
@@ -262,9 +277,11 @@ def _describe(entry: KeyEntry, last_used: str | None) -> str:
     limits = ", ".join(f"{k.name} {entry.limit(k.name) or 'unlimited'}" for k in KINDS)
     models = ", ".join(entry.models) if entry.models else "all models"
     expires = entry.expires.isoformat() if entry.expires else "never"
+    # 2, not 2.0; 0.25 in full.
+    weight = int(entry.weight) if entry.weight.is_integer() else entry.weight
     text = (
-        f"{entry.name}: {limits}; {models}; created {entry.created or '?'}; expires {expires}; "
-        f"last used {last_used or 'never'}"
+        f"{entry.name}: {limits}; {models}; weight {weight}; created {entry.created or '?'}; "
+        f"expires {expires}; last used {last_used or 'never'}"
     )
     if entry.previous_expires is not None:
         text += f"; previous secret valid until {entry.previous_expires.isoformat()}"

@@ -88,6 +88,111 @@ def test_a_limit_that_is_no_kind_or_no_number_is_refused(tmp_path: Path, field: 
         read_keys(path)
 
 
+def test_a_weight_is_a_flag_a_field_of_the_file_and_a_column(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "keys.toml"
+    keys(path, "create", "acme", "--rpm", "5", capsys=capsys)
+    keys(path, "create", "globex", "--weight", "2.5", capsys=capsys)
+    entries = read_keys(path)
+    assert (entries["acme"].weight, entries["globex"].weight) == (1.0, 2.5)
+    assert path.read_text().count("weight") == 1 and "\nweight = 2.5\n" in path.read_text()
+    listed = dict(line.split(":", 1) for line in keys(path, "list", capsys=capsys).splitlines())
+    assert "; weight 1;" in listed["acme"] and "; weight 2.5;" in listed["globex"]
+
+    # Back to the default, the file is byte for byte what it was before the weight was set.
+    before = path.read_bytes()
+    assert "; weight 40;" in keys(path, "set", "acme", "--weight", "40", capsys=capsys)
+    assert read_keys(path)["acme"] == entries["acme"].model_copy(update={"weight": 40.0})
+    keys(path, "set", "acme", "--weight", "1", capsys=capsys)
+    assert path.read_bytes() == before
+
+    # A whole number in the file is a weight too.
+    path.write_text(path.read_text().replace("weight = 2.5", "weight = 3"))
+    assert read_keys(path)["globex"].weight == 3.0
+
+
+def test_a_changed_weight_applies_from_the_next_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "keys.toml"
+    secret = keys(path, "create", "acme", "--weight", "2", capsys=capsys)
+    store = KeyStore(path)
+    running = store.authenticate(secret)
+    assert running is not None and running.weight == 2.0
+    keys(path, "set", "acme", "--weight", "0.5", capsys=capsys)
+    assert store.reload()
+    renewed = store.authenticate(secret)
+    assert renewed is not None and renewed.weight == 0.5
+    # A request already running keeps the entry it started with, as for every other field.
+    assert running.weight == 2.0
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("0", "greater than 0"),
+        ("0.0", "greater than 0"),
+        ("-1", "greater than 0"),
+        ("-0.5", "greater than 0"),
+        ("1000.5", "less than or equal to 1000"),
+        ("nan", "a finite number"),
+        ("inf", "a finite number"),
+        ("-inf", "a finite number"),
+        ("true", "a valid number"),
+        ('"2"', "a valid number"),
+        ("[2]", "a valid number"),
+    ],
+)
+def test_a_weight_out_of_range_or_not_a_number_is_refused_in_the_file(
+    tmp_path: Path, value: str, reason: str
+) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text(f'[keys.acme]\nsha256 = "{"0" * 64}"\nweight = {value}\n')
+    path.chmod(0o600)
+    with pytest.raises(
+        KeyFileError, match=f"key 'acme' is invalid: weight: Input should be {reason}"
+    ):
+        read_keys(path)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("0", "greater than 0"),
+        ("-2", "greater than 0"),
+        ("1001", "less than or equal to 1000"),
+        ("1e309", "a finite number"),
+        ("nan", "a finite number"),
+        ("inf", "a finite number"),
+    ],
+)
+@pytest.mark.parametrize("command", ["create", "set"])
+def test_a_bad_weight_on_the_command_line_is_refused_naming_key_and_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, value: str, reason: str
+) -> None:
+    path = tmp_path / "keys.toml"
+    keys(path, "create", "other", "--weight", "3", capsys=capsys)
+    if command == "set":
+        keys(path, "create", "acme", "--weight", "3", capsys=capsys)
+    before = path.read_bytes()
+    assert main(["keys", "--file", str(path), command, "acme", "--weight", value]) == 1
+    error = capsys.readouterr().err
+    assert f"'acme' is not a valid key: weight: Input should be {reason}" in error
+    assert path.read_bytes() == before
+
+
+def test_a_weight_that_is_not_a_number_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "keys.toml"
+    with pytest.raises(SystemExit) as usage:
+        main(["keys", "--file", str(path), "create", "acme", "--weight", "heavy"])
+    assert usage.value.code == 2
+    assert "argument --weight: invalid float value: 'heavy'" in capsys.readouterr().err
+    assert not path.exists()
+
+
 def test_a_file_others_can_read_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     path = tmp_path / "keys.toml"
     keys(path, "create", "acme", capsys=capsys)
