@@ -5,6 +5,8 @@ lost notice is caught by the periodic re-read, an unreachable Redis leaves the l
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
 import re
 import signal
@@ -106,7 +108,8 @@ async def test_import_and_export_round_trip_and_redis_holds_only_hashes(
 ) -> None:
     source = tmp_path / "keys.toml"
     secrets = []
-    for name, extra in (("acme", ["--rpm", "60", "--expires", "30d"]), ("globex", [])):
+    acme = ["--rpm", "60", "--expires", "30d", "--weight", "3"]
+    for name, extra in (("acme", acme), ("globex", [])):
         assert main(["keys", "--file", str(source), "create", name, *extra]) == 0
         secrets.append(capsys.readouterr().out.strip())
     assert main(["keys", "--file", str(source), "rotate", "globex", "--overlap", "1h"]) == 0
@@ -119,11 +122,52 @@ async def test_import_and_export_round_trip_and_redis_holds_only_hashes(
         assert all(secret.encode() not in value for value in stored.values())
     listed = keys(redis_server, "list", capsys=capsys)
     assert "acme: rpm 60" in listed and "previous secret valid until" in listed
+    assert "; weight 3;" in listed
 
     target = tmp_path / "exported.toml"
     keys(redis_server, "export", str(target), capsys=capsys)
     assert oct(target.stat().st_mode & 0o777) == "0o600"
     assert read_keys(target) == read_keys(source)
+
+
+async def test_a_weight_is_stored_listed_and_changed_on_every_replica_from_the_next_request(
+    redis_server: RedisServer,
+    client: Any,
+    watched: Callable[..., Awaitable[RedisKeyStore]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    secret = keys(redis_server, "create", "acme", "--weight", "2", capsys=capsys)
+    keys(redis_server, "create", "globex", capsys=capsys)
+    stored = await client.hgetall(KEYS_HASH)
+    assert json.loads(stored[b"acme"])["weight"] == 2.0
+    # The default is left out, as in the file: entries without weights read as they always did.
+    assert "weight" not in json.loads(stored[b"globex"])
+    listed = dict(
+        line.split(":", 1) for line in keys(redis_server, "list", capsys=capsys).splitlines()
+    )
+    assert "; weight 2;" in listed["acme"] and "; weight 1;" in listed["globex"]
+
+    stores = [await watched(1.0) for _ in range(2)]
+    running = [store.authenticate(secret) for store in stores]
+    assert [entry.weight if entry else None for entry in running] == [2.0, 2.0]
+    keys(redis_server, "set", "acme", "--weight", "0.25", capsys=capsys)
+
+    async def renewed(store: RedisKeyStore) -> bool:
+        entry = store.authenticate(secret)
+        return entry is not None and entry.weight == 0.25
+
+    for store in stores:
+        await within(5.0, functools.partial(renewed, store))
+    # A request already running keeps the entry it started with.
+    assert [entry.weight if entry else None for entry in running] == [2.0, 2.0]
+
+    # Refused by the CLI, naming key and field, and the stored weight stays.
+    command = ["keys", "--store", "redis", "--redis-url", redis_server.url]
+    assert main([*command, "set", "acme", "--weight", "0"]) == 1
+    assert "'acme' is not a valid key: weight: Input should be greater than 0" in (
+        capsys.readouterr().err
+    )
+    assert json.loads(await client.hget(KEYS_HASH, "acme"))["weight"] == 0.25
 
 
 async def test_a_revoke_on_one_replica_is_refused_by_the_others_within_a_second(
@@ -277,6 +321,45 @@ async def test_corrupt_entries_are_logged_and_skipped(
     # The CLI lists what is valid and still manages the key beside the corrupt ones.
     assert keys(redis_server, "list", capsys=capsys).startswith("acme:")
     keys(redis_server, "revoke", "acme", capsys=capsys)
+
+
+async def test_an_entry_with_a_bad_weight_is_logged_naming_key_and_field_and_skipped(
+    redis_server: RedisServer,
+    client: Any,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    secret = keys(redis_server, "create", "acme", capsys=capsys)
+    good = json.loads(await client.hget(KEYS_HASH, "acme"))
+    bad = {
+        "zero": ("0", "greater than 0"),
+        "negative": ("-1.5", "greater than 0"),
+        "huge": ("1e6", "less than or equal to 1000"),
+        "nan": ("NaN", "a finite number"),
+        "inf": ("Infinity", "a finite number"),
+        "overflow": ("1e400", "a finite number"),
+        "boolean": ("true", "a valid number"),
+        "string": ('"2"', "a valid number"),
+        "null": ("null", "a valid number"),
+    }
+    # Written by hand, as JSON text: json.dumps would not write NaN or 1e400 as given.
+    await client.hset(
+        KEYS_HASH,
+        mapping={
+            name: json.dumps({**good, "name": name})[:-1] + f', "weight": {value}}}'
+            for name, (value, _) in bad.items()
+        },
+    )
+    store = RedisKeyStore(client)
+    with caplog.at_level(logging.ERROR, logger="llmserve.keys"):
+        assert await store.refresh()
+    assert len(store) == 1
+    assert store.authenticate(secret) is not None
+    for name, (_, reason) in bad.items():
+        assert f"skipping key b'{name}' in Redis {KEYS_HASH}: weight: Input should be {reason}" in (
+            caplog.text
+        )
+    assert keys(redis_server, "list", capsys=capsys).startswith("acme:")
 
 
 async def test_last_use_is_recorded_coarsely_and_listed(
