@@ -16,6 +16,7 @@ from llmserve.server.middlewares import error_middleware
 from llmserve.server.openapi import build_openapi
 from llmserve.server.ratelimit import Limiter, MemoryLimiter
 from llmserve.server.ratelimit.admission import KeyAdmission
+from llmserve.server.scheduler import FairShare, ServiceWeights
 from llmserve.server.serving import GenerationService
 from llmserve.server.state import ServerState
 from llmserve.shared.client import EventSender
@@ -36,10 +37,16 @@ def build_app(
         client_max_size=settings.max_body_bytes,
         middlewares=[error_middleware(settings.max_body_bytes)],
     )
+    fair = config.scheduler.policy == "fair"
     gate = AdmissionGate(
         max_running=engine.parallel,
+        spare_slots=engine.spare_slots if fair else 0,
         max_waiting=settings.max_waiting,
         timeout_seconds=settings.queue_timeout_seconds,
+        share=FairShare(
+            ServiceWeights(config.scheduler.prompt_weight, config.scheduler.generated_weight),
+            fair=fair,
+        ),
     )
     state = app[STATE] = ServerState(
         engine_healthy=lambda: engine.healthy, engine_failed=lambda: engine.failed

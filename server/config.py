@@ -20,6 +20,10 @@ from llmserve.sidecar.settings import SidecarSettings
 __all__ = ["ENV_PREFIX", "Config", "ConfigError", "EngineSettings", "engine_kinds", "load_config"]
 
 ENV_PREFIX = "LLMSERVE_"
+# llama.cpp's LLAMA_MAX_SEQ: the most sequences one context can hold.
+_LLAMA_MAX_SEQ = 256
+# Measured on the bundled model (docs/benchmarks.md, "Step budget").
+STEP_TOKENS_DEFAULT = 128
 
 
 class _Section(BaseModel):
@@ -89,8 +93,23 @@ class LlamaCppSection(EngineSettings):
         2048, ge=64, le=1 << 20, description="Context tokens each request may use."
     )
     parallel: int = Field(8, ge=1, le=256, description="Sequences decoded together.")
+    spare_slots: int = Field(
+        2,
+        ge=0,
+        le=256,
+        description="Sequences beyond `parallel` for a key with nothing running, so it starts "
+        "while another key holds every slot (each costs context_per_sequence of KV cache).",
+    )
     batch_tokens: int = Field(
-        512, ge=16, le=65536, description="Tokens per decode call (prompt chunk size)."
+        512, ge=16, le=65536, description="Tokens one decode call can hold (llama.cpp n_batch)."
+    )
+    step_tokens: int = Field(
+        STEP_TOKENS_DEFAULT,
+        ge=1,
+        le=65536,
+        description="Tokens per decode step (at most batch_tokens): the next token of every "
+        "stream, then prompt chunks; smaller keeps streams moving while prompts are read, "
+        "larger reads them faster.",
     )
     threads: int = Field(0, ge=0, le=1024, description="CPU threads (0 = all cores).")
 
@@ -98,12 +117,21 @@ class LlamaCppSection(EngineSettings):
     @classmethod
     def _holds_a_token_of_every_sequence(cls, value: int, info: ValidationInfo) -> int:
         # llama.cpp reserves one output row per sequence within a batch; a batch smaller than
-        # `parallel` aborts the process (GGML_ASSERT n_outputs_max) when the context is created.
+        # the sequences it holds aborts the process (GGML_ASSERT n_outputs_max) when the
+        # context is created, and more than LLAMA_MAX_SEQ sequences abort it too.
         parallel = info.data.get("parallel")
-        if parallel is not None and value < parallel:
+        spare = info.data.get("spare_slots")
+        if parallel is None or spare is None:
+            return value
+        if parallel + spare > _LLAMA_MAX_SEQ:
             raise ValueError(
-                f"must be at least llamacpp.parallel ({parallel}): every decode step carries "
-                "one token of each running sequence"
+                f"llamacpp.parallel + llamacpp.spare_slots ({parallel} + {spare}) must be at "
+                f"most {_LLAMA_MAX_SEQ}, the sequences llama.cpp can hold"
+            )
+        if value < parallel + spare:
+            raise ValueError(
+                f"must be at least llamacpp.parallel + llamacpp.spare_slots ({parallel + spare}):"
+                " every decode step can carry one token of each sequence"
             )
         return value
 
@@ -175,6 +203,20 @@ class AuthSection(_Section):
     )
 
 
+class SchedulerSection(_Section):
+    policy: Literal["fair", "fifo"] = Field(
+        "fair",
+        description="fair: the key with the least weighted service goes next; fifo: first come "
+        "first served (no spare slots).",
+    )
+    prompt_weight: float = Field(
+        1.0, gt=0, le=1000, description="What reading one prompt token costs a key's counter."
+    )
+    generated_weight: float = Field(
+        2.0, gt=0, le=1000, description="What generating one token costs a key's counter."
+    )
+
+
 class RateLimitSection(_Section):
     redis_url: str | None = Field(
         None, description="Share limits through Redis (none: in this process only)."
@@ -199,6 +241,7 @@ class Config(_Section):
     llamacpp: LlamaCppSection = LlamaCppSection()
     exllamav2: ExLlamaV2Section = ExLlamaV2Section()
     synthetic: SyntheticSection = SyntheticSection()
+    scheduler: SchedulerSection = SchedulerSection()
     auth: AuthSection = AuthSection()
     ratelimit: RateLimitSection = RateLimitSection()
     sidecar: SidecarSettings = SidecarSettings()

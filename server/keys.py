@@ -62,6 +62,8 @@ _USAGE_WRITE_SECONDS = 60.0
 _DEFAULT_WEIGHT = 1.0
 # A bound, so that a typo (1e9 for 1.9) cannot hand one key the whole server for good.
 _MAX_WEIGHT = 1000.0
+# Below this a counter divided by the weight would overflow; 1000:1 is the widest ratio anyway.
+_MIN_WEIGHT = 0.001
 _HEADER = (
     "# llmserve API keys: names, SHA-256 hashes of the secrets, models and limits.\n"
     "# The secrets were shown once, when each key was created. Keep this file mode 600.\n"
@@ -99,7 +101,7 @@ class KeyEntry(BaseModel):
     weight: float = Field(
         _DEFAULT_WEIGHT,
         strict=True,
-        gt=0,
+        ge=_MIN_WEIGHT,
         le=_MAX_WEIGHT,
         allow_inf_nan=False,
         description="Share of the server when keys compete: weight 2 gets twice weight 1's.",

@@ -8,6 +8,7 @@ is still a plain 4xx; only engine failures after that point travel in-band as an
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -128,8 +129,14 @@ class GenerationService:
         request_id = life.telemetry.request_id
         budget = life.token_budget()
         if isinstance(body, ChatCompletionRequest):
-            return await self._prepare_chat(body, request_id, budget)
-        return await self._prepare_completion(body, request_id, budget)
+            prepared = await self._prepare_chat(body, request_id, budget)
+        else:
+            prepared = await self._prepare_completion(body, request_id, budget)
+        assert life.key is not None, "admit() names the key first"
+        tenant = self.gate.share.tenant(life.key.name, life.key.weight)
+        return dataclasses.replace(
+            prepared, generation=dataclasses.replace(prepared.generation, tenant=tenant)
+        )
 
     async def _prepare_chat(
         self, body: ChatCompletionRequest, request_id: str, budget: int | None
@@ -256,7 +263,7 @@ class GenerationService:
         The slot and the key's lease are given back before a stream's last bytes are flushed:
         a client that stops reading at the very end holds nothing but its own socket."""
         telemetry = life.telemetry
-        async with self.gate.slot() as queue_ns:
+        async with self.gate.slot(prepared.generation.tenant) as queue_ns:
             generation = self._start(life, prepared.generation)
             telemetry.started(
                 stream=prepared.stream,

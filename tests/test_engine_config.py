@@ -25,12 +25,17 @@ CRASH_MARKS = ("GGML_ASSERT", "Traceback", "Aborted", "backtrace")
             ("--llamacpp-parallel", "32", "--llamacpp-batch-tokens", "16"),
             2,
             "llamacpp.batch_tokens = '16' (from flag --llamacpp-batch-tokens): Value error, "
-            "must be at least llamacpp.parallel (32)",
+            "must be at least llamacpp.parallel + llamacpp.spare_slots (34)",
         ),
         (
-            ("--llamacpp-parallel", "17", "--llamacpp-batch-tokens", "16"),
+            ("--llamacpp-parallel", "15", "--llamacpp-batch-tokens", "16"),
             2,
-            "must be at least llamacpp.parallel (17)",
+            "must be at least llamacpp.parallel + llamacpp.spare_slots (17)",
+        ),
+        (
+            ("--llamacpp-parallel", "255", "--llamacpp-batch-tokens", "512"),
+            2,
+            "llamacpp.parallel + llamacpp.spare_slots (255 + 2) must be at most 256",
         ),
         (("--llamacpp-threads", "-1"), 2, "llamacpp.threads = '-1' (from flag"),
         (("--llamacpp-parallel", "0"), 2, "llamacpp.parallel = '0' (from flag"),

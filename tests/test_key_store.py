@@ -164,7 +164,7 @@ async def test_a_weight_is_stored_listed_and_changed_on_every_replica_from_the_n
     # Refused by the CLI, naming key and field, and the stored weight stays.
     command = ["keys", "--store", "redis", "--redis-url", redis_server.url]
     assert main([*command, "set", "acme", "--weight", "0"]) == 1
-    assert "'acme' is not a valid key: weight: Input should be greater than 0" in (
+    assert "'acme' is not a valid key: weight: Input should be greater than or equal to 0.001" in (
         capsys.readouterr().err
     )
     assert json.loads(await client.hget(KEYS_HASH, "acme"))["weight"] == 0.25
@@ -332,8 +332,8 @@ async def test_an_entry_with_a_bad_weight_is_logged_naming_key_and_field_and_ski
     secret = keys(redis_server, "create", "acme", capsys=capsys)
     good = json.loads(await client.hget(KEYS_HASH, "acme"))
     bad = {
-        "zero": ("0", "greater than 0"),
-        "negative": ("-1.5", "greater than 0"),
+        "zero": ("0", "greater than or equal to 0.001"),
+        "negative": ("-1.5", "greater than or equal to 0.001"),
         "huge": ("1e6", "less than or equal to 1000"),
         "nan": ("NaN", "a finite number"),
         "inf": ("Infinity", "a finite number"),

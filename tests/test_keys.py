@@ -131,10 +131,11 @@ def test_a_changed_weight_applies_from_the_next_request(
 @pytest.mark.parametrize(
     ("value", "reason"),
     [
-        ("0", "greater than 0"),
-        ("0.0", "greater than 0"),
-        ("-1", "greater than 0"),
-        ("-0.5", "greater than 0"),
+        ("0", "greater than or equal to 0.001"),
+        ("0.0", "greater than or equal to 0.001"),
+        ("-1", "greater than or equal to 0.001"),
+        ("-0.5", "greater than or equal to 0.001"),
+        ("1e-320", "greater than or equal to 0.001"),
         ("1000.5", "less than or equal to 1000"),
         ("nan", "a finite number"),
         ("inf", "a finite number"),
@@ -159,8 +160,8 @@ def test_a_weight_out_of_range_or_not_a_number_is_refused_in_the_file(
 @pytest.mark.parametrize(
     ("value", "reason"),
     [
-        ("0", "greater than 0"),
-        ("-2", "greater than 0"),
+        ("0", "greater than or equal to 0.001"),
+        ("-2", "greater than or equal to 0.001"),
         ("1001", "less than or equal to 1000"),
         ("1e309", "a finite number"),
         ("nan", "a finite number"),

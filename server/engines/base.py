@@ -19,6 +19,7 @@ from typing import ClassVar, Literal, TypeVar
 
 from llmserve.server.chat_template import ChatTemplate
 from llmserve.server.engines.fault import WorkerFault
+from llmserve.server.scheduler import StepStats, Tenant
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 _T = TypeVar("_T")
@@ -46,6 +47,9 @@ class GenerationRequest:
     request_id: str
     prompt_tokens: Sequence[int]
     params: SamplingParams
+    # Whose service this is: orders the engine's work and is charged for it. A request made
+    # outside the server (tests, benchmarks) belongs to a tenant of its own, charged nothing.
+    tenant: Tenant = field(default_factory=lambda: Tenant("direct"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +243,7 @@ class Engine(abc.ABC):
         self._template: ChatTemplate | None = None
         self._fault = WorkerFault(self.kind)
         self._cancelled_total = 0
+        self.steps = StepStats()
 
     @property
     def info(self) -> ModelInfo:
@@ -252,6 +257,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def parallel(self) -> int:
         """How many sequences it generates at once (known before loading)."""
+
+    @property
+    def spare_slots(self) -> int:
+        """Sequences it can hold beyond `parallel`, for a tenant with nothing running."""
+        return 0
 
     @property
     @abc.abstractmethod

@@ -97,6 +97,9 @@ class SyntheticEngine(Engine):
                 stamp = now_ns()
                 generation.first_token_ns = generation.first_token_ns or stamp
                 generation.completion_tokens += 1
+                request.tenant.charge(
+                    prompt=len(request.prompt_tokens) if i == 0 else 0, generated=1
+                )
                 text = assembler.feed(f"{_WORDS[i % len(_WORDS)]} ".encode())
                 if assembler.stopped:
                     reason = "stop"

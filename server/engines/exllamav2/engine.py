@@ -275,6 +275,9 @@ class ExLlamaV2Engine(Engine):
         item.job = job
         item.enqueued_ns = now_ns()
         self._jobs[job] = item
+        # The generator reads the prompt in chunks of chunk_tokens, its own step budget; it
+        # says nothing of its progress, so the key is charged for the prompt at once.
+        request.tenant.charge(prompt=len(request.prompt_tokens))
 
     def _cancel(self, generator: Any, item: _Request, out: _Delivery) -> None:
         if self._jobs.pop(item.job, None) is None:
@@ -298,6 +301,7 @@ class ExLlamaV2Engine(Engine):
             if text or ids:
                 item.first_token_ns = item.first_token_ns or stamp
                 item.completion_tokens += len(ids)
+                item.request.tenant.charge(generated=len(ids))
                 item.unsent_ids += ids
             if text or (result["eos"] and item.unsent_ids):
                 out.append((item.stream, TokenDelta(text, tuple(item.unsent_ids), stamp)))

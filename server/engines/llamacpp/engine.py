@@ -1,9 +1,12 @@
 """The CPU engine: llama.cpp with continuous batching across sequences on one worker thread.
 
-Every decode step puts one token from each generating sequence, plus a chunk of any prompt still
-being read, into a single `llama_decode` call, so eight streams cost far less than eight times
-one. New requests join at the next step and finished or cancelled ones leave at once; one
-request never interrupts or truncates another.
+Every decode step is one `llama_decode` call planned by the scheduler (`plan_step`): the next
+token of each generating sequence, then prompt chunks, within `step_tokens`; eight streams cost
+far less than eight times one, and a long prompt is read across steps instead of freezing every
+stream while it is read. New requests join at the next step and finished or cancelled ones
+leave at once; one request never interrupts or truncates another. The context holds
+`parallel + spare_slots` sequences: admission gives the spare ones to a key with nothing
+running, so it starts while another key holds every regular slot.
 
 A finished sequence's KV cache stays in its slot. A new request goes to the free slot whose
 cached tokens share the longest prefix with its prompt, and only the rest of the prompt is read:
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import itertools
 import logging
 import os
 import threading
@@ -47,6 +51,7 @@ from llmserve.server.engines.llamacpp.model import ContextShape, LlamaModel
 from llmserve.server.engines.llamacpp.sampling import TokenSampler
 from llmserve.server.engines.text_output import TextAssembler
 from llmserve.server.model_files import ModelNotFound, bundled_gguf
+from llmserve.server.scheduler import Tenant, plan_step
 
 log = logging.getLogger("llmserve.engine")
 
@@ -57,6 +62,7 @@ _Delivery = list[tuple[GenerationStream, TokenDelta | Completion]]
 class _Sequence(Generation):
     assembler: TextAssembler
     sampler: TokenSampler
+    arrival: int = 0
     slot: int = -1
     prefilled: int = 0
     last_token: int = -1
@@ -73,6 +79,18 @@ class _Sequence(Generation):
     def in_prefill(self) -> bool:
         return self.prefilled < len(self.request.prompt_tokens)
 
+    @property
+    def tenant(self) -> Tenant:
+        return self.request.tenant
+
+    @property
+    def served(self) -> int:
+        return self.completion_tokens
+
+    @property
+    def prompt_left(self) -> int:
+        return len(self.request.prompt_tokens) - self.prefilled
+
 
 class LlamaCppEngine(Engine):
     kind = "llamacpp"
@@ -84,9 +102,12 @@ class LlamaCppEngine(Engine):
         except ModelNotFound as exc:
             raise EngineError(str(exc)) from None
         self._model_id = model_id or Path(self._path).stem
+        self._parallel = settings.parallel
+        self._spare_slots = settings.spare_slots
+        self._step_tokens = settings.step_tokens
         self._shape = ContextShape(
             settings.context_per_sequence,
-            settings.parallel,
+            settings.parallel + settings.spare_slots,
             settings.batch_tokens,
             settings.threads or os.cpu_count() or 1,
         )
@@ -101,12 +122,17 @@ class LlamaCppEngine(Engine):
         self._slot_tokens: dict[int, list[int]] = {}
         self._closing = False
         self._worker: threading.Thread | None = None
+        self._arrivals = itertools.count()
 
     # Engine interface -------------------------------------------------------------------------
 
     @property
     def parallel(self) -> int:
-        return self._shape.parallel
+        return self._parallel
+
+    @property
+    def spare_slots(self) -> int:
+        return self._spare_slots
 
     @property
     def vocab_size(self) -> int:
@@ -145,7 +171,7 @@ class LlamaCppEngine(Engine):
             engine=self.kind,
             source=self._path,
             context_length=model.context_per_sequence,
-            parallel=self._shape.parallel,
+            parallel=self._parallel,
             description=model.description(),
             load_seconds=load_seconds,
             details={
@@ -154,6 +180,8 @@ class LlamaCppEngine(Engine):
                 "trained_context": model.train_context,
                 "threads": self._shape.threads,
                 "batch_tokens": model.batch_capacity,
+                "step_tokens": self._step_tokens,
+                "spare_slots": self._spare_slots,
             },
         )
         self._worker = threading.Thread(target=self._run, name="llamacpp-decode", daemon=True)
@@ -204,7 +232,11 @@ class LlamaCppEngine(Engine):
         stream = GenerationStream(cancel=lambda: self._cancel(holder[0]))
         params = request.params
         seq = _Sequence(
-            request, stream, assembler=TextAssembler(params.stop), sampler=TokenSampler(params)
+            request,
+            stream,
+            assembler=TextAssembler(params.stop),
+            sampler=TokenSampler(params),
+            arrival=next(self._arrivals),
         )
         holder.append(seq)
         with self._lock:
@@ -284,29 +316,32 @@ class LlamaCppEngine(Engine):
         self._slot_tokens.pop(best, None)
 
     def _decode_step(self, model: LlamaModel, out: _Delivery) -> None:
+        started = time.perf_counter()
+        plan = plan_step(self._active, min(self._step_tokens, model.batch_capacity))
+        decoding = set(plan.decode)
+        chunks = dict(plan.prefill)
         rows: list[tuple[int, int, int, bool]] = []
         sampling: list[tuple[_Sequence, int]] = []
+        # Rows in sequence-id order let llama.cpp split a batch into few micro-batches.
         for seq in self._active:
-            if not seq.in_prefill:
+            if seq in decoding:
                 position = len(seq.prompt) + seq.completion_tokens - 1
                 sampling.append((seq, len(rows)))
                 rows.append((seq.last_token, position, seq.slot, True))
                 seq.kv_tokens.append(seq.last_token)
-        budget = model.batch_capacity - len(rows)
-        for seq in self._active:
-            if budget <= 0:
-                break
-            if seq.in_prefill:
-                chunk = seq.prompt[seq.prefilled : seq.prefilled + budget]
+            elif seq in chunks:
                 start = seq.prefilled
+                chunk = seq.prompt[start : start + chunks[seq]]
                 seq.prefilled += len(chunk)
-                budget -= len(chunk)
                 last = len(chunk) - 1
                 for i, token in enumerate(chunk):
                     rows.append((token, start + i, seq.slot, i == last and not seq.in_prefill))
                 seq.kv_tokens.extend(chunk)
+                seq.tenant.charge(prompt=len(chunk))
                 if not seq.in_prefill:
                     sampling.append((seq, len(rows) - 1))
+        if not rows:
+            return
         status = model.decode(rows)
         if status != 0:
             self._fail_active(model, f"llama_decode failed with status {status}", out)
@@ -314,7 +349,9 @@ class LlamaCppEngine(Engine):
         stamp = now_ns()
         for seq, index in sampling:
             token = seq.sampler.sample(model.logits(index))
+            seq.tenant.charge(generated=1)
             self._advance(model, seq, token, stamp, out)
+        self.steps.record(len(rows), time.perf_counter() - started)
 
     def _advance(
         self, model: LlamaModel, seq: _Sequence, token: int, stamp: int, out: _Delivery
