@@ -90,7 +90,10 @@ class AdmissionGate:
             return
         tenant.waited = True
         try:
-            await asyncio.wait_for(asyncio.shield(waiter.future), self.timeout_seconds)
+            # Not wait_for: on Python 3.11 it swallows a cancellation that arrives as the slot
+            # is handed over, and the request would run on for a client that is gone.
+            async with asyncio.timeout(self.timeout_seconds):
+                await asyncio.shield(waiter.future)
         except TimeoutError:
             if not waiter.future.done():
                 self._dequeue(waiter)
