@@ -26,8 +26,9 @@ class CumulativeCounts:
         self._last: tuple[list[int], float] | None = ([0] * buckets, 0.0) if from_start else None
 
     def added(self, counts: list[int], total: float) -> tuple[list[int], float] | None:
-        """Per-bucket (not cumulative) counts and the sum added since the last report, or None
-        when there is nothing to add."""
+        """Per-bucket (not cumulative) counts and the sum added since the last report (zeros
+        too: the sidecar's series exist from a server's first report, as counters should), or
+        None when there is no last report to count from or the counts are no server's."""
         if len(counts) != self.buckets or any(low > high for low, high in pairwise(counts)):
             return None
         last, self._last = self._last, (counts, total)
@@ -35,7 +36,7 @@ class CumulativeCounts:
             return None
         grown = [now - before for now, before in zip(counts, last[0], strict=True)]
         per_bucket = [grown[0], *(high - low for low, high in pairwise(grown))]
-        if min(per_bucket) < 0 or total < last[1] or not any(per_bucket):
+        if min(per_bucket) < 0 or total < last[1]:
             return None
         return per_bucket, total - last[1]
 
