@@ -20,6 +20,7 @@ from llmserve.server.keys import KeyEntry, KeyStore, hash_secret, write_keys
 from llmserve.server.state_reporter import StateReporter
 from llmserve.shared.protocol import STEP_TOKEN_BOUNDS
 from tests.conftest import ServerFactory, SidecarStack
+from tests.test_metrics_exposition import promtool_check
 
 SECRETS = {"alpha": "sk-fair-alpha-1c9e", "beta": "sk-fair-beta-7a02"}
 # More than the engine's 8 slots and 2 spare ones from each key: both keys have to wait.
@@ -112,6 +113,7 @@ async def test_two_keys_show_their_service_queue_wait_steps_and_fairness(
     # getting everything).
     fairness = value(samples, "llm_scheduler_fairness_index", model=model)
     assert fairness is not None and 0.9 <= fairness <= 1.0
+    await promtool_check(await sidecar_stack.metrics_text())
 
     async with aiohttp.ClientSession() as session:
         async with session.get(sidecar_stack.http.make_url("/stats")) as response:
