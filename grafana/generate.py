@@ -391,6 +391,40 @@ def customers() -> Board:
         ],
         options={"showHeader": True},
     )
+    b.panel(
+        "Share of service by key",
+        "timeseries",
+        "percentunit",
+        [
+            (
+                top(
+                    f"sum by (key) (rate(llm_key_service_tokens_total{{{KEY}}}[{RI}])) / "
+                    f"scalar(sum(rate(llm_key_service_tokens_total[{RI}])))"
+                ),
+                "{{key}}",
+            )
+        ],
+        description="What the fair scheduler gave each key, out of what it gave all of them: "
+        "prompt tokens read and tokens generated, weighted as the scheduler charges them, "
+        "counted as requests finish. A key's weight scales the share it is entitled to.",
+    )
+    b.panel(
+        "Queue wait by key (mean per request)",
+        "timeseries",
+        "s",
+        [
+            (
+                top(
+                    f"sum by (key) (rate(llm_key_queue_seconds_total{{{KEY}}}[{RI}])) / "
+                    f"sum by (key) (rate(llm_key_requests_total{{{KEY}, "
+                    f'status=~"ok|cancelled|error"}}[{RI}]))'
+                ),
+                "{{key}}",
+            )
+        ],
+        description="Time each key's requests waited for a generation slot, over its requests "
+        "that got one (those that ended ok, cancelled or in an engine error).",
+    )
     return b
 
 
@@ -459,6 +493,34 @@ def latency() -> Board:
                 "under 30 tokens/s",
             )
         ],
+    )
+    b.panel(
+        "Fairness between keys (Jain's index, last minute)",
+        "timeseries",
+        "none",
+        [(f"min by (model) (llm_scheduler_fairness_index{{{SEL}}})", "{{model}}")],
+        width=8,
+        description="1 when every key that had to wait got the same service per unit of its "
+        "weight over the last minute, 1/n when one of n got it all. Empty (NaN) while fewer than "
+        "two keys waited: there was nothing to share.",
+    )
+    b.panel(
+        "Decode step size (heatmap)",
+        "heatmap",
+        "short",
+        [(f"sum by (le) (rate(llm_scheduler_step_tokens_bucket{{{SEL}}}[{RI}]))", "{{le}}")],
+        width=8,
+        options={"calculate": False},
+        target_options=HEATMAP,
+        description="Tokens per decode step: one per stream decoded, plus each prompt token "
+        "read in the step (llamacpp.step_tokens bounds it).",
+    )
+    b.panel(
+        "Decode step duration",
+        "timeseries",
+        "s",
+        quantiles("llm_scheduler_step_seconds"),
+        width=8,
     )
     return b
 

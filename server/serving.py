@@ -102,6 +102,7 @@ class GenerationService:
             model=self.model_label,
             endpoint=endpoint,
             received_ns=time.monotonic_ns(),
+            weights=self.gate.share.weights,
         )
         return RequestLife(
             request,

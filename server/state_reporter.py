@@ -1,5 +1,9 @@
 """Tell the sidecar what the server is doing: model loads, and every second the running and
-waiting counts, KV cache use and readiness, which events about single requests cannot carry.
+waiting counts, KV cache use, readiness, the fair scheduler's fairness index and the engine's
+decode-step histograms, which events about single requests cannot carry.
+
+The reporter is also the fair scheduler's clock: each report closes one second of the window
+its fairness index is computed over.
 
 The load event is repeated every second too: a sidecar restarted after the model loaded would
 otherwise never learn which model and engine it serves, and report the model as not loaded.
@@ -50,6 +54,9 @@ class StateReporter:
     def report(self) -> None:
         if self.events is None:
             return
+        fairness = self.gate.share.fairness()
+        tokens = self.engine.steps.tokens.snapshot()
+        seconds = self.engine.steps.seconds.snapshot()
         self.events.send(
             State(
                 model=self.engine.info.model_id,
@@ -59,6 +66,12 @@ class StateReporter:
                 ready=self.state.status == "ready",
                 draining=self.state.draining,
                 keys_stale_s=self.state.keys_stale_seconds(),
+                # Rounding keeps a float's last bit from taking an index of 1 past its bound.
+                fairness=None if fairness is None else min(1.0, round(fairness, 6)),
+                step_tokens=list(tokens.counts),
+                step_tokens_sum=tokens.total,
+                step_seconds=list(seconds.counts),
+                step_seconds_sum=seconds.total,
             )
         )
 
@@ -68,6 +81,7 @@ class StateReporter:
 
     async def _tick(self) -> None:
         while True:
+            self.gate.share.tick()
             self.report()
             if self._load is not None:
                 info, loaded = self._load

@@ -5,7 +5,9 @@ every second, and never more than protocol.MAX_GAPS to an event) so that a long 
 up live without an event per token. Each request's events carry a serial the server assigns,
 because the request id is the client's to choose and two requests may share one. With events
 turned off the same calls do nothing. `start` and `end` carry the request's trace context, when it
-came with one, so that its exemplars and its log line name the caller's trace.
+came with one, so that its exemplars and its log line name the caller's trace. `end` carries the
+service the fair scheduler charged the request's key, computed here from the request's final
+token counts with the scheduler's own weights.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from typing import Any
 
 from llmserve.server.engines.base import Completion
+from llmserve.server.scheduler import ServiceWeights
 from llmserve.server.trace_context import TraceContext
 from llmserve.shared.client import EventSender
 from llmserve.shared.protocol import MAX_GAPS, End, First, Gaps, Start
@@ -23,6 +26,7 @@ __all__ = ["RequestTelemetry"]
 
 _GAPS_PER_EVENT = 64
 _GAP_FLUSH_NS = 1_000_000_000
+_DEFAULT_WEIGHTS = ServiceWeights()
 
 
 class RequestTelemetry:
@@ -33,6 +37,7 @@ class RequestTelemetry:
         "_req",
         "_sender",
         "_stamps",
+        "_weights",
         "endpoint",
         "key",
         "model",
@@ -54,8 +59,11 @@ class RequestTelemetry:
         model: str,
         endpoint: str,
         received_ns: int,
+        weights: ServiceWeights = _DEFAULT_WEIGHTS,
     ) -> None:
+        """`weights`: the scheduler's (`FairShare.weights`), which price the request's service."""
         self._sender = sender
+        self._weights = weights
         self._req = sender.next_request() if sender is not None else 0
         self.request_id = request_id
         self.key = key
@@ -165,4 +173,8 @@ class RequestTelemetry:
             event.decode_ns = completion.decode_ns
             if status == "ok":
                 event.completion_tokens = completion.completion_tokens
+        # What the engines charge the key's counter: the prompt tokens they read, not those
+        # found in the prefix cache, and every token generated.
+        read = max(0, event.prompt_tokens - event.cached_tokens)
+        event.service = self._weights.of(read, event.completion_tokens)
         self._sender.send(event)

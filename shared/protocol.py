@@ -26,6 +26,8 @@ __all__ = [
     "MAX_DATAGRAM_BYTES",
     "MAX_EVENT_BYTES",
     "MAX_GAPS",
+    "STEP_SECONDS_BOUNDS",
+    "STEP_TOKEN_BOUNDS",
     "TRUNCATED",
     "VERSION",
     "AnyEvent",
@@ -60,6 +62,10 @@ MAX_EVENT_BYTES = MAX_DATAGRAM_BYTES - HEADER_BYTES
 # Inter-token gaps per `gaps` event (at most 9 bytes each).
 MAX_GAPS = 1024
 TRUNCATED = "...[truncated]"
+# The bounds of the engine's decode-step histograms (server.scheduler.StepStats, a test holds
+# them equal): the sidecar knows them, so a `state` event carries only the counts.
+STEP_TOKEN_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+STEP_SECONDS_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 Name = Annotated[str, msgspec.Meta(max_length=256)]
 Text = Annotated[str, msgspec.Meta(max_length=2048)]
@@ -68,6 +74,11 @@ LimitState = Annotated[dict[Name, tuple[float, float]], msgspec.Meta(max_length=
 # W3C trace context ids as lowercase hex; the sender drops (to null) a value that does not match.
 TraceId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$")]
 SpanId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{16}$")]
+Ratio = Annotated[float, msgspec.Meta(ge=0, le=1)]
+# Sums of tokens or seconds: finite, and far above anything a server reaches.
+Amount = Annotated[float, msgspec.Meta(ge=0, le=1e15)]
+# Cumulative bucket counts: one per bound and one for +Inf (room for a few more bounds).
+BucketCounts = Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=32)]
 
 
 class DecodeError(ValueError):
@@ -132,7 +143,8 @@ class Gaps(Event, tag="gaps"):
 class End(RequestEvent, tag="end"):
     """A request ended, however it ended. `status` is ok, error, invalid_request, overloaded,
     rate_limited or cancelled; `cancel_reason` client_disconnect, client_stalled or shutdown;
-    `gen_ns` is first to last token as the client saw them."""
+    `gen_ns` is first to last token as the client saw them; `service` is what the fair scheduler
+    charged the key: prompt tokens read (not cached) and tokens generated, each weighted."""
 
     status: Name
     http_status: int
@@ -151,6 +163,7 @@ class End(RequestEvent, tag="end"):
     gen_ns: int
     trace_id: TraceId | None = None
     span_id: SpanId | None = None
+    service: Amount = 0.0
 
 
 class Load(Event, tag="load"):
@@ -165,7 +178,12 @@ class Load(Event, tag="load"):
 
 
 class State(Event, tag="state"):
-    """The server's state, every second."""
+    """The server's state, every second. `fairness` is Jain's index over the last minute of
+    service per unit of key weight, among the keys that had a request waiting; null when fewer
+    than two did. `step_tokens` and `step_seconds` are the cumulative counts of every decode
+    step's size and duration since the server started, one per bound of
+    `llm_scheduler_step_tokens` and `llm_scheduler_step_seconds` and one for +Inf; the `_sum`
+    fields are their totals."""
 
     model: Name
     running: int
@@ -175,6 +193,11 @@ class State(Event, tag="state"):
     draining: bool
     # Seconds since the shared key store was last read, while it cannot be; None: current.
     keys_stale_s: float | None = None
+    fairness: Ratio | None = None
+    step_tokens: BucketCounts = []
+    step_tokens_sum: Amount = 0.0
+    step_seconds: BucketCounts = []
+    step_seconds_sum: Amount = 0.0
 
 
 class RateLimit(Event, tag="ratelimit"):

@@ -33,6 +33,8 @@ def _type_text(kind: msgspec.inspect.Type) -> str:
         return f"text ≤ {kind.max_length}" if kind.max_length is not None else "text"
     if isinstance(kind, msgspec.inspect.IntType):
         return "int ≥ 0" if kind.ge == 0 else "int"
+    if isinstance(kind, msgspec.inspect.FloatType) and None not in (kind.ge, kind.le):
+        return f"float {kind.ge:g} to {kind.le:g}"
     if isinstance(kind, msgspec.inspect.ListType):
         bound = f" (≤ {kind.max_length})" if kind.max_length is not None else ""
         return f"[{_type_text(kind.item_type)}, ...]{bound}"

@@ -8,6 +8,9 @@ is prometheus_client's documented way to export pre-computed values.
 
 Each bucket keeps the exemplar of the last batch that put an observation in it, as
 prometheus_client's Histogram does; only the OpenMetrics exposition shows them.
+
+`add_counts` takes observations already bucketed elsewhere (the server's decode-step
+histograms, which arrive as counts).
 """
 
 from __future__ import annotations
@@ -60,11 +63,7 @@ class BulkHistogram:
         edges = self._scaled_edges
         indices = [bisect.bisect_left(edges, v) for v in values]
         counts = Counter(indices)
-        series = self._series.get(label_value)
-        if series is None:
-            size = len(self.edges) + 1
-            series = self._series[label_value] = ([0] * size, [0.0], [None] * size)
-        buckets, sum_, exemplars = series
+        buckets, sum_, exemplars = self._series_of(label_value)
         for index, count in counts.items():
             buckets[index] += count
         sum_[0] += sum(values) * self.scale
@@ -73,6 +72,21 @@ class BulkHistogram:
             for index, value in dict(zip(indices, values, strict=True)).items():
                 exemplars[index] = Exemplar(exemplar, value * self.scale, now)
         return counts
+
+    def add_counts(self, label_value: str, counts: Sequence[int], total: float) -> None:
+        """Add observations counted elsewhere: `counts[i]` of them in bucket i (not cumulative;
+        the last is +Inf), summing to `total` in the metric's unit."""
+        buckets, sum_, _ = self._series_of(label_value)
+        for index, count in enumerate(counts):
+            buckets[index] += count
+        sum_[0] += total
+
+    def _series_of(self, label_value: str) -> tuple[list[int], list[float], list[Exemplar | None]]:
+        series = self._series.get(label_value)
+        if series is None:
+            size = len(self.edges) + 1
+            series = self._series[label_value] = ([0] * size, [0.0], [None] * size)
+        return series
 
     def describe(self) -> list[Metric]:
         return [HistogramMetricFamily(self.name, self.documentation, labels=[self.label])]

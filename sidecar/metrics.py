@@ -18,6 +18,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from llmserve.shared.protocol import STEP_SECONDS_BOUNDS, STEP_TOKEN_BOUNDS
 from llmserve.sidecar.bulk_histogram import BulkHistogram
 from llmserve.sidecar.key_metrics import KeyCounter, KeyGauge, MetricsRegistry
 
@@ -278,6 +279,30 @@ class Metrics:
             registry=reg,
         )
 
+        # The fair scheduler, from the server's state reports.
+        self.fairness = Gauge(
+            "llm_scheduler_fairness_index",
+            "Jain's index over the last minute of service per unit of key weight, among the keys "
+            "that had a request waiting: 1 is an equal share each, 1/n one key got it all; NaN "
+            "while fewer than two keys waited.",
+            m,
+            registry=reg,
+        )
+        self.step_tokens = BulkHistogram(
+            "llm_scheduler_step_tokens",
+            "Tokens in one decode step: one per stream decoded and each prompt token read.",
+            "model",
+            STEP_TOKEN_BOUNDS,
+            reg,
+        )
+        self.step_seconds = BulkHistogram(
+            "llm_scheduler_step_seconds",
+            "Duration of one decode step.",
+            "model",
+            STEP_SECONDS_BOUNDS,
+            reg,
+        )
+
         self.running = Gauge("llm_requests_running", "Requests generating now.", m, registry=reg)
         self.waiting = Gauge(
             "llm_requests_waiting", "Requests queued for a generation slot.", m, registry=reg
@@ -333,6 +358,19 @@ class Metrics:
         )
         self.key_generation_tokens = KeyCounter(
             "llm_key_generation_tokens", "Generated tokens per API key name.", k, registry=reg
+        )
+        self.key_service = KeyCounter(
+            "llm_key_service_tokens",
+            "Service the fair scheduler charged each API key name: prompt tokens read and tokens "
+            "generated, each weighted (1 and 2 by default).",
+            k,
+            registry=reg,
+        )
+        self.key_queue = KeyCounter(
+            "llm_key_queue_seconds",
+            "Seconds each API key name's requests waited for a generation slot.",
+            k,
+            registry=reg,
         )
         self.key_rate_limited = KeyCounter(
             "llm_key_rate_limited",

@@ -13,6 +13,7 @@ names get their own, later ones share `other`.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from llmserve.shared.protocol import (
 )
 from llmserve.sidecar.metrics import Metrics, exemplar_labels
 from llmserve.sidecar.request_log import RecentProblems
+from llmserve.sidecar.server_histograms import ServerSteps
 from llmserve.sidecar.stats import RollingStats
 
 __all__ = ["KeyNames", "Recorder"]
@@ -89,6 +91,7 @@ class _Instance:
     engine: str | None = None
     loaded: bool | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    steps: ServerSteps = field(default_factory=ServerSteps)
 
     def reporting(self, now: float) -> bool:
         return self.last_state > now - SERVER_SILENT_SECONDS
@@ -168,6 +171,7 @@ class Recorder:
                 last_seq=first - 1,
                 dropped=header.dropped_reported,
                 unsendable=header.unsendable_reported,
+                steps=ServerSteps(from_start=first == 1),
             )
         instance.last_seen = time.monotonic()
         explained = self._server_losses(instance, header.dropped, header.unsendable)
@@ -238,6 +242,7 @@ class Recorder:
                 self.metrics.kv_cache_usage.labels(model).set(event.kv_usage)
                 self.metrics.keys_store_stale.set(event.keys_stale_s is not None)
                 self.metrics.keys_store_stale_seconds.set(event.keys_stale_s or 0.0)
+                self._scheduler(instance, event)
             case Load():
                 model = instance.model = event.model
                 instance.engine = event.engine
@@ -247,6 +252,15 @@ class Recorder:
                 self.metrics.model_memory.labels(model).set(event.memory_bytes)
             case RateLimit():
                 self._rate_limit(event)
+
+    def _scheduler(self, instance: _Instance, event: State) -> None:
+        m, model = self.metrics, event.model
+        m.fairness.labels(model).set(math.nan if event.fairness is None else event.fairness)
+        tokens, seconds = instance.steps.added(event)
+        if tokens is not None:
+            m.step_tokens.add_counts(model, *tokens)
+        if seconds is not None:
+            m.step_seconds.add_counts(model, *seconds)
 
     def _rate_limit(self, event: RateLimit) -> None:
         m = self.metrics
@@ -281,6 +295,9 @@ class Recorder:
         m.request_duration.labels(model).observe(_seconds(event.e2e_ns), exemplar)
         if event.queue_ns is not None:
             m.queue_time.labels(model).observe(_seconds(event.queue_ns), exemplar)
+            # Admitted requests only: the key's series start when it first gets a slot.
+            m.key_queue.labels(key_label).inc(_seconds(max(0, event.queue_ns)))
+            m.key_service.labels(key_label).inc(event.service)
         if status in ("ok", "cancelled"):
             m.prompt_tokens.labels(model).inc(prompt)
             m.generation_tokens.labels(model).inc(completion)
@@ -302,7 +319,7 @@ class Recorder:
             error_type = event.error_type or status
             m.errors.labels(error_type).inc()
             m.key_errors.labels(key_label, error_type).inc()
-        self.stats.finished(model, key, status, prompt, completion)
+        self.stats.finished(model, key, status, prompt, completion, event.service)
         # The request log and the status page read the event as the flat fields it carries.
         fields = msgspec.structs.asdict(event)
         self.recent.add(fields)

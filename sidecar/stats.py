@@ -4,7 +4,8 @@ Prometheus answers these questions with PromQL; /stats answers them without Prom
 cut into 10-second slots and a slot holds counters and sparse histogram counts (same bucket edges
 as /metrics), so memory follows activity and quantiles are estimated the way histogram_quantile
 does. Per model, the five-minute window also carries its TTFT and inter-token histograms, which
-the status page draws.
+the status page draws. Per key, each window carries the key's share of the service the fair
+scheduler charged in it (counted as requests finish), out of every key's.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class _Slot:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     generated: int = 0
+    service: float = 0.0
     ttft: dict[int, int] = field(default_factory=dict)
     itl: dict[int, int] = field(default_factory=dict)
 
@@ -44,6 +46,7 @@ class _Slot:
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
         self.generated += other.generated
+        self.service += other.service
         for mine, theirs in ((self.ttft, other.ttft), (self.itl, other.itl)):
             for bucket, count in theirs.items():
                 mine[bucket] = mine.get(bucket, 0) + count
@@ -90,9 +93,12 @@ class RollingStats:
     def _slots(self, model: str, key: str) -> tuple[_Slot, _Slot]:
         return self._slot("model", model), self._slot("key", key)
 
-    def finished(self, model: str, key: str, status: str, prompt: int, completion: int) -> None:
+    def finished(
+        self, model: str, key: str, status: str, prompt: int, completion: int, service: float
+    ) -> None:
         for slot in self._slots(model, key):
             slot.requests += 1
+            slot.service += service
             slot.prompt_tokens += prompt
             slot.completion_tokens += completion
             if status in ERROR_STATUSES:
@@ -151,7 +157,18 @@ class RollingStats:
                 out["models" if scope == "model" else "keys"][name] = entry
             elif series and series[-1][0] <= now - WINDOWS["5m"] // SLOT_SECONDS:
                 del self._series[(scope, name)]
+        _add_shares(out)
         return out
+
+
+def _add_shares(out: dict[str, Any]) -> None:
+    """Each key's `service_share` of every key's service in each window. Every request counts
+    under its model too, so the models' service is the whole, whichever keys are listed."""
+    for window in WINDOWS:
+        whole = sum(model[window]["service_tokens"] for model in out["models"].values())
+        for key in out["keys"].values():
+            share = key[window]["service_tokens"] / whole if whole else None
+            key[window]["service_share"] = None if share is None else round(share, 4)
 
 
 def _dense(histogram: dict[int, int], edges: tuple[float, ...]) -> dict[str, list[Any]]:
@@ -171,6 +188,8 @@ def _summary(slot: _Slot, seconds: int) -> dict[str, Any]:
         "cancelled": slot.cancelled,
         "prompt_tokens": slot.prompt_tokens,
         "completion_tokens": slot.completion_tokens,
+        # Weighted tokens, as the fair scheduler charged them.
+        "service_tokens": round(slot.service, 3),
         # Counted as tokens reach clients, so long streams show up before they finish.
         "tokens_per_second": round(slot.generated / seconds, 3),
         "ttft_p50_seconds": rounded(quantile(slot.ttft, TTFT_BUCKETS, 0.5)),

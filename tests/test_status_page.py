@@ -230,7 +230,7 @@ def totals(stats: dict[str, Any], field_name: str) -> float:
     return sum(model["1m"][field_name] for model in stats["models"].values())
 
 
-KEY_COLUMNS = ("name", "requests", "tokens", "rate_limited", "errors", "limits")
+KEY_COLUMNS = ("name", "requests", "tokens", "share", "rate_limited", "errors", "limits")
 
 
 async def key_rows(page: Page) -> list[dict[str, str]]:
@@ -266,6 +266,12 @@ async def check_numbers(page: Page, url: str) -> None:
             assert_shown_between(row[column], five[0][column], five[1][column], column)
         tokens = [w["prompt_tokens"] + w["completion_tokens"] for w in five]
         assert_shown_between(row["tokens"], *tokens, "tokens")
+        # The key's share of the last minute's service; none while nothing was served.
+        shares = [s["keys"][row["name"]]["1m"]["service_share"] for s in (before, after)]
+        if row["share"] == "—":
+            assert None in shares
+        else:
+            assert_shown_between(row["share"], *(share or 0.0 for share in shares), "share")
 
 
 async def check_latency(page: Page, url: str) -> None:
@@ -344,6 +350,11 @@ async def test_status_page_under_load(stack: Stack, browser: Browser) -> None:
         assert number(by_name["initech"]["rate_limited"])[0] > 0
         assert by_name["initech"]["limits"].endswith("rpm")
         assert by_name["acme"]["limits"] == "no limits"
+        # acme streams on two workers, globex on one that pauses: acme gets the larger share, and
+        # the shares are of the whole.
+        shares = {name: number(row["share"])[0] for name, row in by_name.items()}
+        assert shares["acme"] > shares["globex"] > 0
+        assert abs(sum(shares.values()) - 1) < 0.005
         await page.locator('#keys th[data-sort="name"]').click()
         assert [row["name"] for row in await key_rows(page)] == sorted(SECRETS)
         await page.locator('#keys th[data-sort="requests"]').click()

@@ -58,6 +58,7 @@ function duration(s) {
 }
 
 const percent = (f) => (f === null || f === undefined ? "—" : `${Math.round(f * 100)}%`);
+const share = (f) => (f === null || f === undefined ? "—" : `${(f * 100).toFixed(1)}%`);
 const clock = (date) => date.toLocaleTimeString("en-GB", { hour12: false });
 
 // The server the page is about: the most recent one still reporting, else the last one seen.
@@ -162,6 +163,8 @@ function keyRows(stats) {
       name,
       requests: w.requests,
       tokens: w.prompt_tokens + w.completion_tokens,
+      // Of the service the fair scheduler gave every key in the last minute, as requests finished.
+      share: entry["1m"].service_share,
       rate_limited: w.rate_limited,
       errors: w.errors,
       limit_use: fullest ? fullest[1].utilization : null,
@@ -200,6 +203,7 @@ function renderKeys(stats) {
     cell(tr, row.name, "text");
     cell(tr, count(row.requests));
     cell(tr, count(row.tokens));
+    cell(tr, share(row.share));
     cell(tr, count(row.rate_limited), row.rate_limited ? "warn" : "");
     cell(tr, count(row.errors), row.errors ? "bad" : "");
     cell(tr, row.limit_text, row.limit_use >= 0.9 ? "warn" : "", row.limit_title);
