@@ -324,3 +324,27 @@ def test_the_fairness_index_covers_the_last_minute_of_keys_that_had_work_waiting
     for _ in range(61):
         share.tick()
     assert share.fairness() is None  # a minute without anyone waiting
+
+
+def test_keys_idle_for_a_minute_at_the_floor_are_forgotten_and_come_back_the_same():
+    share = FairShare()
+    keys = [share.tenant(f"k{i}") for i in range(1000)]
+    for tenant in keys:
+        share.arrive(tenant)
+        share.depart(tenant)
+    busy = share.tenant("busy")
+    share.arrive(busy)
+    busy.charge(generated=10)
+    for _ in range(120):
+        share.tick()
+    assert {t.name for t in share.tenants} == {"busy"}
+    # One coming back starts where a newcomer would: at the lowest active counter.
+    again = share.tenant("k7")
+    share.arrive(again)
+    assert again.counter == busy.counter
+    # Still-active keys and keys above the floor (they owe service) are kept.
+    share.depart(again)
+    again.charge(generated=100)
+    for _ in range(120):
+        share.tick()
+    assert {t.name for t in share.tenants} == {"busy", "k7"}

@@ -52,6 +52,11 @@ class Tenant:
     # Had a request waiting since the fairness window's last tick.
     waited: bool = False
     share: FairShare | None = field(default=None, repr=False)
+    # The fairness window: (tick, normalized) when it changed, one entry kept from before the
+    # window as its baseline; and the last tick in which the tenant had work waiting.
+    history: deque[tuple[int, float]] = field(default_factory=deque, repr=False)
+    unrecorded: float = 0.0
+    waited_tick: int = -_WINDOW_SECONDS
 
     @property
     def priority(self) -> float:
@@ -77,9 +82,10 @@ class FairShare:
         # The counter a tenant activating now starts from when nobody else is active: the last
         # value the lowest active counter had, so leaving and coming back earns nothing.
         self._floor = 0.0
-        self._window: deque[tuple[dict[Tenant, float], set[Tenant]]] = deque(
-            maxlen=_WINDOW_SECONDS + 1
-        )
+        self._ticks = 0
+        # Charged since the last tick, and with a history inside the fairness window.
+        self._changed: set[Tenant] = set()
+        self._recent: set[Tenant] = set()
 
     def tenant(self, name: str, weight: float = 1.0) -> Tenant:
         """The tenant of a key, with the key's current weight. Requests without a key come as
@@ -102,6 +108,8 @@ class FairShare:
             tenant.outstanding += 1
             if tenant.outstanding > 1:
                 return
+            # Forgotten while idle between its lookup and now: it is known again.
+            self._tenants.setdefault(tenant.name, tenant)
             floor = min((t.counter for t in self._active), default=self._floor)
             self._floor = max(self._floor, floor)
             tenant.counter = max(tenant.counter, self._floor)
@@ -114,6 +122,8 @@ class FairShare:
             if tenant.outstanding > 0:
                 return
             self._active.discard(tenant)
+            # Recorded at the next tick, in case it had work waiting this second.
+            self._changed.add(tenant)
             low = min((t.counter for t in self._active), default=tenant.counter)
             self._floor = max(self._floor, low)
 
@@ -124,27 +134,59 @@ class FairShare:
         with self._lock:
             tenant.service += cost
             tenant.normalized += cost / tenant.weight
+            tenant.unrecorded += cost / tenant.weight
             tenant.counter += cost / tenant.weight
+            self._changed.add(tenant)
 
     def tick(self) -> None:
-        """Close one second of the fairness window (the state reporter calls this each second)."""
+        """Close one second of the fairness window (the state reporter calls this each second).
+        Costs what changed in the second, not the number of keys ever seen."""
         with self._lock:
-            waited = {t for t in self._tenants.values() if t.waited or t.waiting}
-            for tenant in waited:
-                tenant.waited = False
-            self._window.append(({t: t.normalized for t in self._tenants.values()}, waited))
+            self._ticks += 1
+            now = self._ticks
+            for tenant in self._changed | self._active:
+                self._record(tenant, now)
+            self._changed.clear()
+            if now % _WINDOW_SECONDS == 0:
+                self._forget_the_idle(now)
+
+    def _record(self, tenant: Tenant, now: int) -> None:
+        if tenant.waited or tenant.waiting:
+            tenant.waited, tenant.waited_tick = False, now
+        history = tenant.history
+        if not history:
+            # Its value before this second's charges: what it had when last recorded, or 0.
+            history.append((now - 1, tenant.normalized - tenant.unrecorded))
+        history.append((now, tenant.normalized))
+        tenant.unrecorded = 0.0
+        while len(history) > 1 and history[1][0] <= now - _WINDOW_SECONDS:
+            history.popleft()
+        self._recent.add(tenant)
+
+    def _forget_the_idle(self, now: int) -> None:
+        """Drop tenants a fresh one would equal: idle, out of the window, at or below the
+        floor (a newcomer is lifted to it). A key store can churn through many keys."""
+        for tenant in self._recent - self._active:
+            if tenant.history and tenant.history[-1][0] <= now - _WINDOW_SECONDS:
+                self._recent.discard(tenant)
+        for name, tenant in list(self._tenants.items()):
+            idle = tenant.outstanding == 0 and tenant not in self._recent
+            if idle and tenant.counter <= self._floor:
+                del self._tenants[name]
 
     def fairness(self) -> float | None:
         """Jain's index over the last minute, among the tenants that had work waiting in it:
         1 when each got the same service per unit of weight, 1/n when one got everything.
         None when fewer than two tenants had to wait: there was nothing to share."""
         with self._lock:
-            if len(self._window) < 2:
-                return None
-            first, _ = self._window[0]
-            last, _ = self._window[-1]
-            waited = set().union(*(w for _, w in list(self._window)[1:]))
-            served = [last[t] - first.get(t, 0.0) for t in waited if t in last]
+            start = self._ticks - _WINDOW_SECONDS
+            served = []
+            for tenant in self._recent:
+                if tenant.waited_tick <= start:
+                    continue
+                history = tenant.history
+                baseline = history[0][1]
+                served.append(history[-1][1] - baseline)
         return jain_index(served) if len(served) >= 2 else None
 
 
