@@ -105,7 +105,7 @@ class LlamaCppSection(EngineSettings):
     )
     step_tokens: int = Field(
         STEP_TOKENS_DEFAULT,
-        ge=1,
+        ge=2,
         le=65536,
         description="Tokens per decode step (at most batch_tokens): the next token of every "
         "stream, then prompt chunks; smaller keeps streams moving while prompts are read, "

@@ -282,9 +282,9 @@ def test_the_lowest_counter_gets_the_rows_of_a_full_step_and_one_keys_streams_ta
     heavy.charge(generated=1000)
     heavy_streams = [Seq(heavy, i) for i in range(4)]
     light_prompt = Seq(light, 9, prompt_left=10)
-    plan = plan_step([*heavy_streams, light_prompt], budget=4)
+    plan = plan_step([*heavy_streams, light_prompt], budget=5)
     # Running streams come first even when their key has had more: a prompt never stalls them.
-    assert plan.decode == heavy_streams and plan.prefill == []
+    assert plan.decode == heavy_streams and plan.prefill == [(light_prompt, 1)]
     light_stream = Seq(light, 9)
     plan = plan_step([*heavy_streams, light_stream], budget=3)
     assert plan.decode[0] is light_stream  # lowest counter first
@@ -296,6 +296,23 @@ def test_the_lowest_counter_gets_the_rows_of_a_full_step_and_one_keys_streams_ta
             seq.served += 1
             turns[seq.arrival] += 1
     assert set(turns.values()) == {10}
+
+
+def test_a_step_smaller_than_the_streams_still_reads_a_waiting_prompt():
+    t = FairShare().tenant("k")
+    streams = [Seq(t, i) for i in range(4)]
+    prompt = Seq(t, 4, prompt_left=3)
+    steps = 0
+    while prompt.prompt_left:
+        plan = plan_step([*streams, prompt], budget=4)
+        assert len(plan.decode) == 3 and plan.prefill == [(prompt, 1)]
+        for seq in plan.decode:
+            seq.served += 1
+        prompt.prompt_left -= 1
+        steps += 1
+    assert steps == 3
+    # With nothing to read, every row goes to the streams again.
+    assert len(plan_step([*streams, prompt], budget=4).decode) == 4
 
 
 def test_jain_index():

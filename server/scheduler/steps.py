@@ -54,17 +54,19 @@ class StepPlan(Generic[S]):
 
 
 def plan_step(sequences: Sequence[S], budget: int) -> StepPlan[S]:
-    """Fill a step of at most `budget` tokens: decodes by (counter, least served), then prompt
-    chunks by (counter, arrival), so one tenant's prompts are read in order and its first
-    reader starts generating soonest. A sequence left out is paused for this step; its cache
-    stays where it is."""
+    """Fill a step of at most `budget` tokens (at least 2): decodes by (counter, least served),
+    then prompt chunks by (counter, arrival), so one tenant's prompts are read in order and its
+    first reader starts generating soonest. A sequence left out is paused for this step; its
+    cache stays where it is."""
     plan: StepPlan[S] = StepPlan()
     decoding = [s for s in sequences if s.prompt_left == 0]
     decoding.sort(key=lambda s: (s.tenant.priority, s.served, s.arrival))
-    plan.decode = decoding[:budget]
-    budget -= len(plan.decode)
     reading = [s for s in sequences if s.prompt_left > 0]
     reading.sort(key=lambda s: (s.tenant.priority, s.arrival))
+    # A budget smaller than the streams could starve every prompt; one token is kept for them.
+    rows = budget - 1 if reading and budget > 1 and len(decoding) >= budget else budget
+    plan.decode = decoding[:rows]
+    budget -= len(plan.decode)
     for seq in reading:
         if budget <= 0:
             break
