@@ -25,7 +25,9 @@ from tests.test_metrics_exposition import promtool_check
 SECRETS = {"alpha": "sk-fair-alpha-1c9e", "beta": "sk-fair-beta-7a02"}
 # More than the engine's 8 slots and 2 spare ones from each key: both keys have to wait.
 PER_KEY = 12
-MAX_TOKENS = 16
+# Long enough that every request is still running when the last of them arrives, even on a
+# loaded machine: otherwise a key might never wait, and the index has nothing to judge.
+MAX_TOKENS = 48
 
 
 async def chat(session: aiohttp.ClientSession, server: TestServer, model: str, key: str) -> None:
