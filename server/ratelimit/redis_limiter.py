@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import uuid
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import AskError
+from redis.exceptions import AskError, NoScriptError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -93,9 +94,9 @@ class RedisLimiter(Limiter):
         # lease nobody renews, which lapses within lease_seconds like a crashed server's.
         self.settled_ms = self.lease_ms * _SETTLED_LEASES
         self.settlements_dropped = 0
-        self._admit = client.register_script(ADMIT)
-        self._settle = client.register_script(SETTLE)
-        self._renew = client.register_script(RENEW)
+        self._admit = _Script(client, ADMIT)
+        self._settle = _Script(client, SETTLE)
+        self._renew = _Script(client, RENEW)
         # key name -> id of each grant running here -> whether it holds a place under the key's
         # concurrency limit; their expiry is renewed until they end.
         self._held: dict[str, dict[str, bool]] = {}
@@ -104,7 +105,7 @@ class RedisLimiter(Limiter):
         self._renewer: asyncio.Task[None] | None = None
         self._settler: asyncio.Task[None] | None = None
 
-    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+    async def _call(self, script: _Script, keys: list[str], args: list[Any]) -> Any:
         try:
             return await asyncio.wait_for(script(keys=keys, args=args), self.timeout)
         except AskError as exc:
@@ -242,6 +243,28 @@ class RedisLimiter(Limiter):
                 await asyncio.wait_for(asyncio.shield(self._settler), self.timeout * 4)
             self._settler.cancel()
         await self.client.aclose()
+
+
+class _Script:
+    """A Lua script run by its digest, and sent whole to a node that does not know it yet.
+
+    Redis does not replicate its script cache (neither SCRIPT LOAD nor EVAL reaches a replica),
+    so after a failover the new master answers NOSCRIPT until the scripts are sent to it again.
+    redis-py's own Script then sends SCRIPT LOAD to every master it knows, within the caller's
+    timeout and to a dead one too until its map of the Cluster is refreshed; EVAL goes only to
+    the node that holds the keys, and loads the script there in the same round trip.
+    """
+
+    def __init__(self, client: Any, source: str) -> None:
+        self.client = client
+        self.source = source
+        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+    async def __call__(self, *, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await self.client.eval(self.source, len(keys), *keys, *args)
 
 
 @dataclass(frozen=True, slots=True)
