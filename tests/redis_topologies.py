@@ -22,6 +22,9 @@ import redis.asyncio as redis
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 
 SLOTS = 16384
+# Nothing on disk, and a replica's first copy of its master sent at once rather than after the
+# 5 s Redis waits for more replicas to share it.
+VOLATILE = ("--save", "", "--appendonly", "no", "--repl-diskless-sync-delay", "0")
 
 
 async def eventually(check: Callable[[], Awaitable[bool] | bool], seconds: float = 15.0) -> bool:
@@ -88,7 +91,7 @@ class Cluster:
         self.processes = [
             start(
                 *("--port", str(port), "--bind", "127.0.0.1", "--dir", directory),
-                *("--save", "", "--appendonly", "no", "--cluster-enabled", "yes"),
+                *(*VOLATILE, "--cluster-enabled", "yes"),
                 *("--cluster-port", str(bus), "--cluster-config-file", f"nodes-{port}.conf"),
                 *("--cluster-node-timeout", "1000"),
             )
@@ -234,7 +237,7 @@ class SentinelGroup:
     def __init__(self, directory: str) -> None:
         self.directory = Path(directory)
         self.master_port, self.replica_port, *self.sentinel_ports = free_ports(5)
-        common = ("--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", directory)
+        common = ("--bind", "127.0.0.1", *VOLATILE, "--dir", directory)
         self.servers = [
             start("--port", str(self.master_port), *common),
             start(
@@ -242,9 +245,7 @@ class SentinelGroup:
                 *("--replicaof", "127.0.0.1", str(self.master_port)),
             ),
         ]
-        self.sentinels = [
-            start(str(self._sentinel_config(port)), "--sentinel") for port in self.sentinel_ports
-        ]
+        self.sentinels: list[subprocess.Popen[bytes]] = []
 
     def _sentinel_config(self, port: int) -> Path:
         # Sentinel rewrites its configuration file as the group changes: one each, writable.
@@ -262,6 +263,18 @@ class SentinelGroup:
         return "sentinel://" + ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
 
     async def form(self) -> None:
+        async def attached() -> bool:
+            with contextlib.suppress(redis.RedisError):
+                role = await _role(self.replica_port)
+                return role[0] == b"slave" and role[3] == b"connected"
+            return False
+
+        # Sentinels learn of replicas from the master's INFO, every 10 s but on first contact:
+        # started once the replica is attached, they know it at once.
+        assert await eventually(attached)
+        self.sentinels = [
+            start(str(self._sentinel_config(port)), "--sentinel") for port in self.sentinel_ports
+        ]
         assert await eventually(self.settled, 30), "the Sentinel group did not settle"
 
     async def settled(self) -> bool:

@@ -376,7 +376,9 @@ async def test_the_scripts_commute_whatever_order_redis_runs_them_in(books: Book
 async def test_scripts_flushed_from_redis_are_loaded_again(
     redis_server: RedisServer, books: Books
 ) -> None:
+    """As on a replica promoted by a failover: Redis does not replicate its script cache."""
     limiter = slow_redis_limiter(redis_server)
+    await books.admin.config_resetstat()
     await books.admin.script_flush()
     first = await limiter.admit(KEY, 10)
     assert first.reservation is not None
@@ -387,6 +389,11 @@ async def test_scripts_flushed_from_redis_are_loaded_again(
     assert second.reservation is not None
     await limiter.finish(second.reservation, 4)
     assert await books.balanced(8)
+    # Each of the four calls met its script flushed, and sent it along (EVAL) to the node that
+    # holds the keys: no SCRIPT LOAD, which redis-py sends to every master of a Cluster, a dead
+    # one included.
+    calls = await books.admin.info("commandstats")
+    assert calls["cmdstat_eval"]["calls"] == 4 and "cmdstat_script|load" not in calls
     await limiter.close()
 
 
