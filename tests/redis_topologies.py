@@ -323,6 +323,10 @@ class SentinelGroup:
             for node in sentinel.sentinels:
                 await node.aclose()
 
+    async def promoted(self) -> bool:
+        """Whether the Sentinels name a master other than the first."""
+        return await self.master_port_now() not in (None, self.master_port)
+
     def kill_master(self) -> None:
         stop(self.servers[0])
 

@@ -3,7 +3,8 @@
 The limits hold exactly across the replicas (admitted equals the limit, not limit x replicas),
 and when the node holding a key's books dies under streaming load, each failure policy does
 what it says, no request hangs, the limits are exact again within seconds of the failover, and
-the books balance: no lease left behind, no reservation left unrefunded.
+the books balance: no lease left behind, no reservation left unrefunded. The Redis key store,
+likewise, keeps its last keys through a Sentinel failover and sees the changes made after it.
 
 Every exact count is taken only once the topology has settled (`redis_topologies`): a limiter
 that was unavailable during a burst makes the burst a failed precondition, run again on fresh
@@ -26,6 +27,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from llmserve.server.app_keys import SERVICE
 from llmserve.server.keys import KeyEntry, KeyStore, hash_secret, write_keys
+from llmserve.server.keys_redis import RedisKeysAdmin, RedisKeyStore
 from llmserve.server.ratelimit.redis_limiter import RedisLimiter, connect
 from tests.conftest import ServerFactory, free_port, synthetic_engine
 from tests.redis_topologies import Cluster, SentinelGroup, command, eventually
@@ -83,17 +85,13 @@ async def topology(request: pytest.FixtureRequest, short_tmp: str) -> AsyncItera
     group = SentinelGroup(short_tmp)
     try:
         await group.form()
-        first = group.master_port
 
         async def kill_master() -> None:
             group.kill_master()
 
-        async def promoted() -> bool:
-            return await group.master_port_now() not in (None, first)
-
         sentinel = group.client()
         admin = sentinel.master_for(group.NAME)
-        yield Topology("sentinel", group.url, admin, kill_master, promoted, group.settled)
+        yield Topology("sentinel", group.url, admin, kill_master, group.promoted, group.settled)
         await admin.aclose()
         for node in sentinel.sentinels:
             await node.aclose()
@@ -360,3 +358,74 @@ async def test_a_cluster_with_no_node_reachable_follows_the_policy(
     if policy == "fail_closed":
         assert body["error"]["code"] == "rate_limiter_unavailable"
     assert server.app[SERVICE].limits.backend_errors >= 1
+
+
+async def test_the_key_store_keeps_its_keys_through_a_sentinel_failover(
+    serve: ServerFactory, short_tmp: str
+) -> None:
+    group = SentinelGroup(short_tmp)
+    store: RedisKeyStore | None = None
+    watcher: asyncio.Task[None] | None = None
+    try:
+        await group.form()
+        entry = KeyEntry(name="acme", sha256=hash_secret(SECRET))
+        await write_keys_to(group.master_port, "put", entry, replicas=1)
+        store = RedisKeyStore(connect("sentinel", group.url, group.NAME))
+        # A long periodic re-read: only the change notice, resubscribed on the new master, can
+        # bring the revoke within seconds.
+        watcher = asyncio.create_task(store.watch(60))
+        server = await serve(
+            synthetic_engine(first_token_seconds="0", token_interval_seconds="0"),
+            keys=store,
+            **{"engine.kind": "synthetic"},
+        )
+        assert await eventually(lambda: answers(server, SECRET, 200))
+        killed = time.monotonic()
+        group.kill_master()
+        seen: set[int] = set()
+
+        async def promoted() -> bool:
+            # Meanwhile the last keys stay in force, and no other key is taken.
+            seen.add((await post(server))[0])
+            assert await answers(server, "sk-unknown", 401)
+            return await group.promoted() and await group.settled()
+
+        assert await eventually(promoted, 30)
+        assert seen == {200}
+        new = await group.master_port_now()
+        assert new is not None
+        # Changes made on the new master reach the server: a key created, then one revoked.
+        started = time.monotonic()
+        created = KeyEntry(name="globex", sha256=hash_secret("sk-globex"))
+        await write_keys_to(new, "put", created)
+        assert await eventually(lambda: answers(server, "sk-globex", 200), 10)
+        await write_keys_to(new, "delete", "acme")
+        assert await eventually(lambda: answers(server, SECRET, 401), 10)
+        print(
+            f"\nkey store through a Sentinel failover: its keys served throughout the "
+            f"{started - killed:.1f} s to promotion; a key created and one revoked on the new "
+            f"master took effect within {time.monotonic() - started:.2f} s"
+        )
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+        if store is not None:
+            await store.client.aclose()
+        await group.stop()
+
+
+async def write_keys_to(port: int, change: str, argument: Any, *, replicas: int = 0) -> None:
+    """A change as `llmserve keys` makes it, to the master on `port`, and acknowledged by
+    `replicas` replicas (what a failover may lose is not what these tests are about)."""
+    admin = RedisKeysAdmin(f"redis://127.0.0.1:{port}/0")
+    try:
+        await asyncio.to_thread(getattr(admin, change), argument)
+        if replicas:
+            assert await asyncio.to_thread(admin.client.wait, replicas, 2000) == replicas
+    finally:
+        admin.close()
+
+
+async def answers(server: TestServer, secret: str, expected: int) -> bool:
+    return (await post(server, secret=secret))[0] == expected
