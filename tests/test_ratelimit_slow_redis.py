@@ -257,6 +257,27 @@ async def test_settlements_waiting_for_redis_are_bounded_and_sent_when_it_is_bac
     await limiter.close()
 
 
+async def test_a_settlement_held_up_past_its_lease_still_refunds(
+    redis_server: RedisServer, books: Books, stalled: Callable[[bool], None]
+) -> None:
+    """A request that ends while Redis is away (a failover) is settled once it is back, maybe
+    after its lease lapsed and was swept: it is still charged only what it used."""
+    limiter = slow_redis_limiter(redis_server, lease_seconds=1)
+    admitted = await limiter.admit(KEY, 5000)
+    assert admitted.reservation is not None
+    stalled(True)
+    try:
+        with pytest.raises(LimiterUnavailable):
+            await limiter.finish(admitted.reservation, 40)
+        # Redis's clock runs on while it is stopped: past the lease, and past the expiry of the
+        # set of leases (two lease periods), so the settlement finds no lease at all.
+        await asyncio.sleep(2.5)
+    finally:
+        stalled(False)
+    assert await eventually(lambda: books.balanced(40)), await books.tokens_left()
+    await limiter.close()
+
+
 async def test_a_stream_outliving_its_lease_keeps_its_slot_across_a_redis_restart(
     serve: ServerFactory, short_tmp: str, redis_server: RedisServer, books: Books
 ) -> None:
@@ -355,11 +376,11 @@ async def test_the_scripts_commute_whatever_order_redis_runs_them_in(books: Book
         status, *_ = await admit(keys=keys, args=[30_000, 1, grant, 1, "tpd", TPD, day, 5000])
         return bytes(status)
 
-    async def settled(grant: str) -> None:
-        await settle(keys=keys, args=[grant, 120_000, 1, TPD, day, 5000])
+    async def settled(grant: str, admitted: int = 1) -> None:
+        await settle(keys=keys, args=[grant, 120_000, admitted, 1, TPD, day, 5000])
 
     # Settled first (its request gave up on Redis), the admit that runs late is void.
-    await settled("late")
+    await settled("late", admitted=0)
     assert await admitted("late") == b"void"
     assert await books.balanced(0)
     # An admit run twice (a retry after a lost answer) charges once and holds one lease.

@@ -132,7 +132,7 @@ class RedisLimiter(Limiter):
         # Without an answer the request goes on unchecked or is refused, but the admit may yet
         # run (a stalled Redis runs what it has received) or have run with its answer lost:
         # settling its id with a full refund undoes it whichever happens.
-        undo = _Settlement(key, grant, cost)
+        undo = _Settlement(key, grant, cost, admitted=False)
         with self._settled_on_failure(undo):
             status, limit, wait_ms, *levels = await self._call(self._admit, keys, args)
         status, limit = _text(status), _text(limit)
@@ -161,7 +161,7 @@ class RedisLimiter(Limiter):
         back = refunds(
             buckets_for(key), reservation.tokens, used_tokens, requests_back=requests_back
         )
-        settlement = _Settlement(key, reservation.lease, back)
+        settlement = _Settlement(key, reservation.lease, back, admitted=True)
         with self._settled_on_failure(settlement):
             await self._apply(settlement)
 
@@ -176,7 +176,12 @@ class RedisLimiter(Limiter):
     async def _apply(self, settlement: _Settlement) -> None:
         name, refunds = settlement.key.name, settlement.refunds
         buckets = [b for b in buckets_for(settlement.key) if b.name in refunds]
-        args: list[Any] = [settlement.grant, self.settled_ms, len(buckets)]
+        args: list[Any] = [
+            settlement.grant,
+            self.settled_ms,
+            int(settlement.admitted),
+            len(buckets),
+        ]
         for b in buckets:
             args += [b.capacity, int(b.window_seconds * 1000), refunds[b.name]]
         keys = [_key(name, b.name) for b in buckets] + _books(name)
@@ -274,6 +279,8 @@ class _Settlement:
     key: KeyEntry
     grant: str
     refunds: dict[str, int]
+    # Redis answered the admit: refund even if the lease lapsed while Redis was away.
+    admitted: bool
 
 
 def _books(name: str) -> list[str]:
