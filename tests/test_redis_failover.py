@@ -332,7 +332,8 @@ async def test_a_failover_under_streaming_load(
         f"(503), {decided} admissions decided by the policy; takeover {failed_over - killed:.1f} s "
         f"after the kill, settled {settled - killed:.1f} s, limits exact "
         f"{exact_again - failed_over:.1f} s after the takeover; longest wait for an answer "
-        f"{load.longest_answer:.2f} s; {max(0, lost)} tokens of refunds lost with the master"
+        f"{load.longest_answer:.2f} s; books {lost:+d} tokens from use (under: unchecked admits "
+        f"and refill; over: refunds lost with the master)"
     )
 
 
