@@ -28,7 +28,7 @@ from typing import Any
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import AskError, NoScriptError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -81,8 +81,19 @@ def connect(mode: str, url: str, sentinel_master: str | None) -> Any:
             host, _, port = address.rpartition(":")
             hosts.append((host, int(port or 26379)))
         sentinel = Sentinel(hosts, **options)
-        return sentinel.master_for(sentinel_master or "mymaster")
+        return sentinel.master_for(
+            sentinel_master or "mymaster", connection_pool_class=_SentinelMasterPool
+        )
     return redis.from_url(url, **options)
+
+
+class _SentinelMasterPool(SentinelConnectionPool):
+    """The master's connections, closed with the clients that ask the Sentinels for it: those
+    serve this pool alone, and redis-py leaves them open (a connection to each Sentinel)."""
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        await self.sentinel_manager.aclose()
 
 
 class RedisLimiter(Limiter):
