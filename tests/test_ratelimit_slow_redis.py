@@ -8,17 +8,10 @@ is charged nothing, even if Redis runs its admit later. The books are read strai
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import inspect
 import json
 import re
-import shutil
 import signal
-import socket
-import subprocess
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -35,6 +28,7 @@ from llmserve.server.ratelimit import Limiter, LimiterUnavailable, MemoryLimiter
 from llmserve.server.ratelimit.redis_limiter import RedisLimiter, connect
 from llmserve.server.ratelimit.redis_scripts import ADMIT, RENEW, SETTLE
 from tests.conftest import RedisServer, ServerFactory, free_port, synthetic_engine
+from tests.redis_topologies import Cluster, command, eventually
 from tests.test_ratelimit import SECRET, keys_file, post
 
 # 100,000 tokens a day refill at 1.16 a second: a reservation left unrefunded stays visible.
@@ -44,18 +38,6 @@ SLACK = 100
 KEY = KeyEntry.model_validate(
     {"name": "acme", "sha256": hash_secret(SECRET), "concurrency": 1, "tpd": TPD}
 )
-
-
-async def eventually(check: Callable[[], Awaitable[bool] | bool], seconds: float = 15.0) -> bool:
-    """Whether `check` holds within `seconds` (generous: the machine may be loaded)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result or time.monotonic() > deadline:
-            return bool(result)
-        await asyncio.sleep(0.05)
 
 
 class Books:
@@ -275,6 +257,27 @@ async def test_settlements_waiting_for_redis_are_bounded_and_sent_when_it_is_bac
     await limiter.close()
 
 
+async def test_a_settlement_held_up_past_its_lease_still_refunds(
+    redis_server: RedisServer, books: Books, stalled: Callable[[bool], None]
+) -> None:
+    """A request that ends while Redis is away (a failover) is settled once it is back, maybe
+    after its lease lapsed and was swept: it is still charged only what it used."""
+    limiter = slow_redis_limiter(redis_server, lease_seconds=1)
+    admitted = await limiter.admit(KEY, 5000)
+    assert admitted.reservation is not None
+    stalled(True)
+    try:
+        with pytest.raises(LimiterUnavailable):
+            await limiter.finish(admitted.reservation, 40)
+        # Redis's clock runs on while it is stopped: past the lease, and past the expiry of the
+        # set of leases (two lease periods), so the settlement finds no lease at all.
+        await asyncio.sleep(2.5)
+    finally:
+        stalled(False)
+    assert await eventually(lambda: books.balanced(40)), await books.tokens_left()
+    await limiter.close()
+
+
 async def test_a_stream_outliving_its_lease_keeps_its_slot_across_a_redis_restart(
     serve: ServerFactory, short_tmp: str, redis_server: RedisServer, books: Books
 ) -> None:
@@ -373,11 +376,11 @@ async def test_the_scripts_commute_whatever_order_redis_runs_them_in(books: Book
         status, *_ = await admit(keys=keys, args=[30_000, 1, grant, 1, "tpd", TPD, day, 5000])
         return bytes(status)
 
-    async def settled(grant: str) -> None:
-        await settle(keys=keys, args=[grant, 120_000, 1, TPD, day, 5000])
+    async def settled(grant: str, admitted: int = 1) -> None:
+        await settle(keys=keys, args=[grant, 120_000, admitted, 1, TPD, day, 5000])
 
     # Settled first (its request gave up on Redis), the admit that runs late is void.
-    await settled("late")
+    await settled("late", admitted=0)
     assert await admitted("late") == b"void"
     assert await books.balanced(0)
     # An admit run twice (a retry after a lost answer) charges once and holds one lease.
@@ -394,7 +397,9 @@ async def test_the_scripts_commute_whatever_order_redis_runs_them_in(books: Book
 async def test_scripts_flushed_from_redis_are_loaded_again(
     redis_server: RedisServer, books: Books
 ) -> None:
+    """As on a replica promoted by a failover: Redis does not replicate its script cache."""
     limiter = slow_redis_limiter(redis_server)
+    await books.admin.config_resetstat()
     await books.admin.script_flush()
     first = await limiter.admit(KEY, 10)
     assert first.reservation is not None
@@ -405,6 +410,11 @@ async def test_scripts_flushed_from_redis_are_loaded_again(
     assert second.reservation is not None
     await limiter.finish(second.reservation, 4)
     assert await books.balanced(8)
+    # Each of the four calls met its script flushed, and sent it along (EVAL) to the node that
+    # holds the keys: no SCRIPT LOAD, which redis-py sends to every master of a Cluster, a dead
+    # one included.
+    calls = await books.admin.info("commandstats")
+    assert calls["cmdstat_eval"]["calls"] == 4 and "cmdstat_script|load" not in calls
     await limiter.close()
 
 
@@ -468,87 +478,6 @@ async def test_nothing_a_client_sends_reaches_a_redis_key(
             KeyEntry.model_validate({"name": bad, "sha256": hash_secret(SECRET)})
 
 
-async def _command(node: redis.Redis, *args: object) -> Any:
-    return await node.execute_command(*args)  # type: ignore[no-untyped-call]
-
-
-async def _pings(node: redis.Redis) -> bool:
-    try:
-        return bool(await node.ping())
-    except redis.ConnectionError:
-        return False
-
-
-def _free_ports(count: int) -> list[int]:
-    """Loopback ports free right now, all different (held open together while chosen)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-
-
-class Cluster:
-    """Two real redis-server nodes in cluster mode, each serving half of the slots."""
-
-    def __init__(self, directory: str) -> None:
-        # Each node's cluster bus gets a port of its own: the default, port + 10000, may not
-        # exist for an ephemeral port.
-        self.ports, self.buses = _free_ports(2), _free_ports(2)
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server is missing: scripts/setup --test installs it"
-        self.processes = [
-            subprocess.Popen(
-                [
-                    *(binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory),
-                    *("--save", "", "--appendonly", "no", "--cluster-enabled", "yes"),
-                    *("--cluster-port", str(bus), "--cluster-config-file", f"nodes-{port}.conf"),
-                ],
-                stdout=subprocess.DEVNULL,
-            )
-            for port, bus in zip(self.ports, self.buses, strict=True)
-        ]
-        self.nodes = [redis.Redis(port=port) for port in self.ports]
-
-    async def form(self) -> None:
-        for node in self.nodes:
-            assert await eventually(functools.partial(_pings, node))
-        await _command(self.nodes[0], "CLUSTER", "ADDSLOTSRANGE", 0, 8191)
-        await _command(self.nodes[1], "CLUSTER", "ADDSLOTSRANGE", 8192, 16383)
-        await _command(self.nodes[0], "CLUSTER", "MEET", "127.0.0.1", self.ports[1], self.buses[1])
-
-        async def formed() -> bool:
-            infos = [await _command(node, "CLUSTER", "INFO") for node in self.nodes]
-            return all(b"cluster_state:ok" in i and b"known_nodes:2" in i for i in infos)
-
-        assert await eventually(formed)
-
-    @staticmethod
-    def owner(slot: int) -> int:
-        """The index of the node that serves `slot`."""
-        return 0 if slot < 8192 else 1
-
-    async def move(self, slot: int, source: int, target: int) -> None:
-        """Migrate a slot with its keys, as redis-cli --cluster reshard does."""
-        src, dst = self.nodes[source], self.nodes[target]
-        src_id = await _command(src, "CLUSTER", "MYID")
-        dst_id = await _command(dst, "CLUSTER", "MYID")
-        await _command(dst, "CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
-        await _command(src, "CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
-        keys = await _command(src, "CLUSTER", "GETKEYSINSLOT", slot, 100)
-        port = self.ports[target]
-        await _command(src, "MIGRATE", "127.0.0.1", port, "", 0, 5000, "KEYS", *keys)
-        for node in (dst, src):
-            await _command(node, "CLUSTER", "SETSLOT", slot, "NODE", dst_id)
-
-    async def stop(self) -> None:
-        for node in self.nodes:
-            await node.aclose()
-        for process in self.processes:
-            process.kill()
-            process.wait()
-
-
 @pytest.fixture
 async def cluster(short_tmp: str) -> AsyncIterator[Cluster]:
     cluster = Cluster(short_tmp)
@@ -560,7 +489,7 @@ async def cluster(short_tmp: str) -> AsyncIterator[Cluster]:
 
 
 async def test_one_redis_mode_against_a_cluster_says_what_to_set(cluster: Cluster) -> None:
-    slot = await _command(cluster.nodes[0], "CLUSTER", "KEYSLOT", "{acme}")
+    slot = await command(cluster.nodes[0], "CLUSTER", "KEYSLOT", "{acme}")
     elsewhere = cluster.ports[1 - cluster.owner(slot)]
     limiter = RedisLimiter(
         connect("single", f"redis://127.0.0.1:{elsewhere}/0", None),
@@ -573,7 +502,7 @@ async def test_one_redis_mode_against_a_cluster_says_what_to_set(cluster: Cluste
 
 
 async def test_a_cluster_slot_moved_mid_lease_keeps_the_books(cluster: Cluster) -> None:
-    slot = await _command(cluster.nodes[0], "CLUSTER", "KEYSLOT", "{acme}")
+    slot = await command(cluster.nodes[0], "CLUSTER", "KEYSLOT", "{acme}")
     owner = cluster.owner(slot)
     limiter = RedisLimiter(
         connect("cluster", f"redis://127.0.0.1:{cluster.ports[1 - owner]}/0", None),

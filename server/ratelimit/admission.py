@@ -26,6 +26,9 @@ class KeyAdmission:
         self.fail_open = fail_open
         self.events = events
         self.backend_errors = 0
+        # Admission checks (a request makes up to two: its place, then its tokens) that the
+        # failure policy decided because Redis did not answer; the sidecar counts them too.
+        self.policy_decisions = 0
         self._warned_at = 0.0
         self._finishing: set[asyncio.Task[None]] = set()
 
@@ -108,6 +111,7 @@ class KeyAdmission:
 
     def _unavailable(self, key: KeyEntry, request_id: str, exc: LimiterUnavailable) -> None:
         policy = "admitting requests unchecked" if self.fail_open else "refusing requests"
+        self.policy_decisions += 1
         self._warn(f"rate limiter unavailable ({exc}); {policy}")
         self._emit(key, request_id, "backend", allowed=self.fail_open, backend_error=True, state={})
         if self.fail_open:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import uuid
 from collections.abc import Iterator
@@ -27,9 +28,9 @@ from typing import Any
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import AskError
+from redis.exceptions import AskError, NoScriptError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -80,8 +81,19 @@ def connect(mode: str, url: str, sentinel_master: str | None) -> Any:
             host, _, port = address.rpartition(":")
             hosts.append((host, int(port or 26379)))
         sentinel = Sentinel(hosts, **options)
-        return sentinel.master_for(sentinel_master or "mymaster")
+        return sentinel.master_for(
+            sentinel_master or "mymaster", connection_pool_class=_SentinelMasterPool
+        )
     return redis.from_url(url, **options)
+
+
+class _SentinelMasterPool(SentinelConnectionPool):
+    """The master's connections, closed with the clients that ask the Sentinels for it: those
+    serve this pool alone, and redis-py leaves them open (a connection to each Sentinel)."""
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        await self.sentinel_manager.aclose()
 
 
 class RedisLimiter(Limiter):
@@ -93,9 +105,9 @@ class RedisLimiter(Limiter):
         # lease nobody renews, which lapses within lease_seconds like a crashed server's.
         self.settled_ms = self.lease_ms * _SETTLED_LEASES
         self.settlements_dropped = 0
-        self._admit = client.register_script(ADMIT)
-        self._settle = client.register_script(SETTLE)
-        self._renew = client.register_script(RENEW)
+        self._admit = _Script(client, ADMIT)
+        self._settle = _Script(client, SETTLE)
+        self._renew = _Script(client, RENEW)
         # key name -> id of each grant running here -> whether it holds a place under the key's
         # concurrency limit; their expiry is renewed until they end.
         self._held: dict[str, dict[str, bool]] = {}
@@ -104,7 +116,7 @@ class RedisLimiter(Limiter):
         self._renewer: asyncio.Task[None] | None = None
         self._settler: asyncio.Task[None] | None = None
 
-    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+    async def _call(self, script: _Script, keys: list[str], args: list[Any]) -> Any:
         try:
             return await asyncio.wait_for(script(keys=keys, args=args), self.timeout)
         except AskError as exc:
@@ -131,7 +143,7 @@ class RedisLimiter(Limiter):
         # Without an answer the request goes on unchecked or is refused, but the admit may yet
         # run (a stalled Redis runs what it has received) or have run with its answer lost:
         # settling its id with a full refund undoes it whichever happens.
-        undo = _Settlement(key, grant, cost)
+        undo = _Settlement(key, grant, cost, admitted=False)
         with self._settled_on_failure(undo):
             status, limit, wait_ms, *levels = await self._call(self._admit, keys, args)
         status, limit = _text(status), _text(limit)
@@ -160,7 +172,7 @@ class RedisLimiter(Limiter):
         back = refunds(
             buckets_for(key), reservation.tokens, used_tokens, requests_back=requests_back
         )
-        settlement = _Settlement(key, reservation.lease, back)
+        settlement = _Settlement(key, reservation.lease, back, admitted=True)
         with self._settled_on_failure(settlement):
             await self._apply(settlement)
 
@@ -175,7 +187,12 @@ class RedisLimiter(Limiter):
     async def _apply(self, settlement: _Settlement) -> None:
         name, refunds = settlement.key.name, settlement.refunds
         buckets = [b for b in buckets_for(settlement.key) if b.name in refunds]
-        args: list[Any] = [settlement.grant, self.settled_ms, len(buckets)]
+        args: list[Any] = [
+            settlement.grant,
+            self.settled_ms,
+            int(settlement.admitted),
+            len(buckets),
+        ]
         for b in buckets:
             args += [b.capacity, int(b.window_seconds * 1000), refunds[b.name]]
         keys = [_key(name, b.name) for b in buckets] + _books(name)
@@ -244,6 +261,28 @@ class RedisLimiter(Limiter):
         await self.client.aclose()
 
 
+class _Script:
+    """A Lua script run by its digest, and sent whole to a node that does not know it yet.
+
+    Redis does not replicate its script cache (neither SCRIPT LOAD nor EVAL reaches a replica),
+    so after a failover the new master answers NOSCRIPT until the scripts are sent to it again.
+    redis-py's own Script then sends SCRIPT LOAD to every master it knows, within the caller's
+    timeout and to a dead one too until its map of the Cluster is refreshed; EVAL goes only to
+    the node that holds the keys, and loads the script there in the same round trip.
+    """
+
+    def __init__(self, client: Any, source: str) -> None:
+        self.client = client
+        self.source = source
+        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+    async def __call__(self, *, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await self.client.eval(self.source, len(keys), *keys, *args)
+
+
 @dataclass(frozen=True, slots=True)
 class _Settlement:
     """Closing one request's books: its id, and what each bucket gets back."""
@@ -251,6 +290,8 @@ class _Settlement:
     key: KeyEntry
     grant: str
     refunds: dict[str, int]
+    # Redis answered the admit: refund even if the lease lapsed while Redis was away.
+    admitted: bool
 
 
 def _books(name: str) -> list[str]:

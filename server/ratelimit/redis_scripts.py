@@ -13,7 +13,11 @@ about has a server-made id, so the scripts are idempotent and commute:
   (a client retry of an admit that ran: not charged twice).
 - SETTLE closes the id: it refunds what it is told to if the id is running, removes it, and
   records the id as settled, so an admit or a renewal arriving afterwards is void.
-  Run twice, or before its admit, it changes nothing more.
+  Run twice, or before its admit, it changes nothing more. The settlement of an id whose admit
+  Redis answered 'ok' refunds even if the id is no longer running: delayed while Redis was away
+  (a failover), it may arrive after the id's lease lapsed and was swept, and its request must
+  not be charged its whole reservation for that. (Should such a settlement run, lose its answer
+  and be retried only after the id is forgotten as settled, it refunds twice.)
 - RENEW pushes the expiry of running ids, and puts back those a restarted Redis lost in the
   set they belong to, but never revives a settled one.
 
@@ -89,19 +93,22 @@ return {'ok', '', '0', unpack(out)}
 )
 
 # KEYS: the buckets to refund, then leases, open, settled. ARGV: id, ms to remember it as settled,
-# bucket count, then per bucket: capacity, window ms, refund (negative: charge more).
-# Returns 1 if the id was running (and was refunded), else 0.
+# 1 if Redis admitted the id (0: its admit got no answer), bucket count, then per bucket:
+# capacity, window ms, refund (negative: charge more).
+# Returns 1 if the id was refunded, else 0.
 SETTLE = (
     _NOW
     + """
-local id, keep, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local id, keep, admitted, n = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local leases, open, settled = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3]
 redis.call('ZREMRANGEBYSCORE', settled, '-inf', now)
+local closed = redis.call('ZSCORE', settled, id)
 redis.call('ZADD', settled, now + keep, id)
 redis.call('PEXPIRE', settled, keep)
-if redis.call('ZREM', leases, id) + redis.call('ZREM', open, id) == 0 then return 0 end
+local running = redis.call('ZREM', leases, id) + redis.call('ZREM', open, id)
+if closed or (running == 0 and admitted ~= '1') then return 0 end
 for i = 1, n do
-  local b = 3 + (i - 1) * 3
+  local b = 4 + (i - 1) * 3
   local cap, window, refund = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
   local saved = redis.call('HMGET', KEYS[i], 'level', 'ts')
   local level = tonumber(saved[1])
