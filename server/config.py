@@ -22,8 +22,8 @@ __all__ = ["ENV_PREFIX", "Config", "ConfigError", "EngineSettings", "engine_kind
 ENV_PREFIX = "LLMSERVE_"
 # llama.cpp's LLAMA_MAX_SEQ: the most sequences one context can hold.
 _LLAMA_MAX_SEQ = 256
-# Measured on the bundled model (docs/benchmarks.md, "Step budget").
-STEP_TOKENS_DEFAULT = 128
+# Measured on the bundled model (docs/benchmarks.md, "Fair scheduling between keys").
+STEP_TOKENS_DEFAULT = 32
 
 
 class _Section(BaseModel):

@@ -151,6 +151,13 @@ class LlamaCppEngine(Engine):
     async def load(self) -> ModelInfo:
         started = time.monotonic()
         log.info("loading %s with llama.cpp", self._path)
+        if self._step_tokens <= self._parallel + self._spare_slots:
+            log.warning(
+                "llamacpp.step_tokens (%d) is not above llamacpp.parallel + spare_slots (%d): "
+                "when every slot streams, the streams take turns at the steps",
+                self._step_tokens,
+                self._parallel + self._spare_slots,
+            )
         model = await in_daemon_thread(self._load_model, "llamacpp-load")
         load_seconds = time.monotonic() - started
         self._model = model
@@ -317,7 +324,11 @@ class LlamaCppEngine(Engine):
 
     def _decode_step(self, model: LlamaModel, out: _Delivery) -> None:
         started = time.perf_counter()
-        plan = plan_step(self._active, min(self._step_tokens, model.batch_capacity))
+        # The budget bounds how long running streams wait for a step; with none running, a
+        # step stalls nobody, and prompts are read as fast as a decode call allows.
+        streaming = any(not seq.in_prefill for seq in self._active)
+        budget = min(self._step_tokens, model.batch_capacity) if streaming else model.batch_capacity
+        plan = plan_step(self._active, budget)
         decoding = set(plan.decode)
         chunks = dict(plan.prefill)
         rows: list[tuple[int, int, int, bool]] = []
