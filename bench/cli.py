@@ -125,15 +125,15 @@ def _run(
         return 1
 
 
-async def _target(args: argparse.Namespace) -> Target:
+async def _target(args: argparse.Namespace, api_key: str | None) -> Target:
     """The request every stream sends, as the common flags describe it."""
     base = args.url.rstrip("/").removesuffix("/v1")
-    model = args.model or await _first_model(base, args.api_key)
+    model = args.model or await _first_model(base, api_key)
     return Target(
         base_url=base,
         model=model,
         endpoint=args.endpoint,
-        api_key=args.api_key,
+        api_key=api_key,
         prompt_words=args.prompt_words,
         max_tokens=args.max_tokens,
         ignore_eos=args.ignore_eos,
@@ -143,7 +143,7 @@ async def _target(args: argparse.Namespace) -> Target:
 
 
 async def _sweep(args: argparse.Namespace, levels: list[int]) -> int:
-    target = await _target(args)
+    target = await _target(args, args.api_key)
     base, model = target.base_url, target.model
     _say(f"{base} model {model}: {args.prompt_words}-word prompts, {args.max_tokens} tokens each")
     if args.warmup:
@@ -191,7 +191,8 @@ async def _tenant_run(args: argparse.Namespace) -> int:
     if len({spec.name for spec in specs}) < len(specs):
         print("llmserve bench: each --tenant needs a name of its own", file=sys.stderr)
         return 2
-    target = await _target(args)
+    # Without --api-key, the models list and the warm-up use the first tenant's key.
+    target = await _target(args, args.api_key or specs[0].api_key)
     _say(f"{target.base_url} model {target.model}: {len(specs)} tenants for {args.duration} s")
     if args.warmup:
         await run_level(target, 1, args.warmup, lambda: None)

@@ -84,6 +84,15 @@ def summarize_tenants(
                 # Streams cut at the end have waited too: leaving them out would hide the
                 # longest waits of a starved tenant.
                 **latencies(received),
+                # A stream cut at the end before its first token has no TTFT, only this bound.
+                "unanswered_wait_ms_max": max(
+                    (
+                        round((r.ended - r.started) * 1000, 2)
+                        for r in tenant.cut
+                        if not r.token_times
+                    ),
+                    default=None,
+                ),
                 "service": round(service, 1),
                 "service_per_weight": round(service / spec.weight, 1),
             }
