@@ -247,6 +247,13 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return None if not numerator or not denominator else round(numerator / denominator, 3)
 
 
+def light_wait(run: dict[str, Any]) -> float:
+    """The light key's TTFT p95 in a flood run; if a light request was still waiting for its
+    first token at the end, at least that long (its wait is a floor of its TTFT)."""
+    light = run["tenants"]["light"]
+    return float(max(light["ttft_ms_p95"] or 0, light["unanswered_wait_ms_max"] or 0))
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target of the issue that this run measured: the figure, what is required, met."""
     rows: list[dict[str, Any]] = []
@@ -257,10 +264,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if flood := results.get("flood"):
         alone = flood["light_alone"]["tenants"]["light"]["ttft_ms_p95"]
         for policy in ("fair", "fifo"):
-            light = flood[policy]["tenants"]["light"]
-            # A light request still waiting at the end waited at least this long: a floor.
-            waited = max(light["ttft_ms_p95"] or 0, light["unanswered_wait_ms_max"] or 0)
-            ratio = _ratio(waited, alone)
+            ratio = _ratio(light_wait(flood[policy]), alone)
             add(
                 f"flood: light TTFT p95 / alone ({policy})",
                 ratio,
@@ -343,10 +347,12 @@ def write_chart(path: Path, results: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     panels = [name for name in SCENARIOS if name in results]
-    figure, axes_list = plt.subplots(
-        1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False
-    )
-    for axes, name in zip(axes_list[0], panels, strict=True):
+    columns = min(4, len(panels))
+    rows = -(-len(panels) // columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(4.2 * columns, 4 * rows), squeeze=False)
+    for axes in grid.flat[len(panels) :]:
+        axes.set_visible(False)
+    for axes, name in zip(grid.flat, panels, strict=False):
         data = results[name]
         if name in ("flood", "spare"):
             runs = (
@@ -354,7 +360,7 @@ def write_chart(path: Path, results: dict[str, Any]) -> None:
                 if name == "flood"
                 else {f"spare {k}": v for k, v in data.items()}
             )
-            axes.bar(list(runs), [r["tenants"]["light"]["ttft_ms_p95"] or 0 for r in runs.values()])
+            axes.bar(list(runs), [light_wait(run) for run in runs.values()])
             axes.set_yscale("log")
             axes.set_ylabel("light key TTFT p95 (ms)")
         elif name in ("equal", "weights"):
@@ -450,12 +456,19 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--chart", type=Path)
+    parser.add_argument(
+        "--replot", type=Path, help="measure nothing: the table and chart of this JSON report"
+    )
     args = parser.parse_args()
     if unknown := set(args.only) - set(SCENARIOS):
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     if args.quick:
         args.duration, args.rounds, args.step_tokens = 20, 1, [64, 256]
-    report = asyncio.run(measure(args))
+    if args.replot:
+        report = json.loads(args.replot.read_text())
+        report["targets"] = targets(report["results"])
+    else:
+        report = asyncio.run(measure(args))
     print(markdown(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
