@@ -405,18 +405,8 @@ def write_chart(path: Path, results: dict[str, Any]) -> None:
     plt.close(figure)
 
 
-async def measure(args: argparse.Namespace) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as directory:
-        keys_file, secrets = write_keys_file(Path(directory))
-        bench = Bench(args, keys_file, secrets)
-        results: dict[str, Any] = {}
-        try:
-            for name in args.only:
-                progress(f"{name}: running")
-                results[name] = await SCENARIO_RUNS[name](bench)
-        finally:
-            await bench.stop_all()
-    report: dict[str, Any] = {
+def report_of(args: argparse.Namespace, bench: Bench, results: dict[str, Any]) -> dict[str, Any]:
+    return {
         "machine": f"{os.cpu_count()} cores",
         "model": bench.model.name,
         "settings": {
@@ -430,9 +420,27 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         },
         "commands": bench.commands,
         "results": results,
+        "targets": targets(results),
     }
-    report["targets"] = targets(results)
-    return report
+
+
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as directory:
+        keys_file, secrets = write_keys_file(Path(directory))
+        bench = Bench(args, keys_file, secrets)
+        results: dict[str, Any] = {}
+        try:
+            for name in args.only:
+                progress(f"{name}: running")
+                results[name] = await SCENARIO_RUNS[name](bench)
+                # After each scenario, so a long run stopped part way keeps what it measured.
+                if args.json:
+                    args.json.write_text(
+                        json.dumps(report_of(args, bench, results), indent=2) + "\n"
+                    )
+        finally:
+            await bench.stop_all()
+    return report_of(args, bench, results)
 
 
 def main() -> None:
