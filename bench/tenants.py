@@ -12,8 +12,9 @@ import itertools
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import aiohttp
 
@@ -148,7 +149,7 @@ async def run_tenants(
 
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         started = time.perf_counter()
-        tasks = []
+        starts: list[list[Coroutine[Any, Any, None]]] = []
         for tenant in tenants:
             # Shared by the tenant's workers: each takes the next request from it.
             count = tenant.spec.requests
@@ -156,7 +157,16 @@ async def run_tenants(
             workers = (
                 tenant.spec.concurrency if count is None else min(tenant.spec.concurrency, count)
             )
-            tasks += [loop.create_task(worker(session, tenant, counter)) for _ in range(workers)]
+            starts.append([worker(session, tenant, counter) for _ in range(workers)])
+        # Tenants' first requests interleaved (a1 b1 a2 b2 ...): one tenant's whole first wave
+        # arriving before the other's would hand it the server's slots, a head start that only
+        # slot turnover undoes and that the scheduler is not to blame for.
+        tasks = [
+            loop.create_task(start)
+            for wave in itertools.zip_longest(*starts)
+            for start in wave
+            if start is not None
+        ]
         _, pending = await asyncio.wait(tasks, timeout=duration_seconds)
         for task in pending:
             task.cancel()
