@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-__all__ = ["RequestResult", "Target", "run_level"]
+__all__ = ["RequestResult", "Target", "run_level", "stream_into"]
 
 # Plain, varied English: most tokenizers make about one token of each word.
 _TEXT = (
@@ -76,6 +76,7 @@ class RequestResult:
     token_times: list[float] = field(default_factory=list)
     ended: float = 0.0
     completion_tokens: int | None = None
+    prompt_tokens: int | None = None
     finished: bool = False
 
     @property
@@ -104,7 +105,17 @@ def _content(chunk: dict[str, Any]) -> tuple[str, str | None]:
 
 
 async def _one(session: aiohttp.ClientSession, target: Target) -> RequestResult:
-    result = RequestResult(started=time.perf_counter())
+    result = RequestResult()
+    await stream_into(result, session, target)
+    return result
+
+
+async def stream_into(
+    result: RequestResult, session: aiohttp.ClientSession, target: Target
+) -> None:
+    """Send one request and record its response in `result` as it arrives, so a caller that
+    cancels it (a run's deadline) keeps what was received."""
+    result.started = time.perf_counter()
     saw_finish = saw_done = False
     try:
         async with session.post(
@@ -113,7 +124,7 @@ async def _one(session: aiohttp.ClientSession, target: Target) -> RequestResult:
             result.status = response.status
             if response.status != 200:
                 result.error = (await response.text())[:300]
-                return result
+                return
             async for raw in response.content:
                 line = raw.strip()
                 if not line.startswith(b"data:"):
@@ -129,12 +140,12 @@ async def _one(session: aiohttp.ClientSession, target: Target) -> RequestResult:
                 saw_finish = saw_finish or finish is not None
                 if usage := chunk.get("usage"):
                     result.completion_tokens = usage.get("completion_tokens")
+                    result.prompt_tokens = usage.get("prompt_tokens")
     except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
     finally:
         result.ended = time.perf_counter()
     result.finished = saw_finish or saw_done
-    return result
 
 
 async def run_level(

@@ -8,7 +8,7 @@ from typing import Any
 
 from llmserve.bench.load import RequestResult
 
-__all__ = ["summarize", "table", "write_chart", "write_json"]
+__all__ = ["latencies", "summarize", "table", "write_chart", "write_json"]
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -30,8 +30,6 @@ def summarize(
     concurrency: int, results: list[RequestResult], wall_seconds: float
 ) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
-    ttft = [r.token_times[0] - r.started for r in ok if r.token_times]
-    gaps = [b - a for r in ok for a, b in zip(r.token_times, r.token_times[1:], strict=False)]
     e2e = [r.ended - r.started for r in ok]
     per_stream = [
         (len(r.token_times) - 1) / (r.token_times[-1] - r.token_times[0])
@@ -51,13 +49,22 @@ def summarize(
         "aggregate_tokens_per_second": round(tokens / wall_seconds, 2) if wall_seconds else 0.0,
         "per_stream_tokens_per_second_p50": _round(_percentile(per_stream, 50)),
         "per_stream_tokens_per_second_p5": _round(_percentile(per_stream, 5)),
+        **latencies(ok),
+        "e2e_ms_p50": _ms(_percentile(e2e, 50)),
+        "e2e_ms_p99": _ms(_percentile(e2e, 99)),
+    }
+
+
+def latencies(streams: list[RequestResult]) -> dict[str, float | None]:
+    """TTFT and inter-token percentiles over the streams' tokens, in milliseconds."""
+    ttft = [r.token_times[0] - r.started for r in streams if r.token_times]
+    gaps = [b - a for r in streams for a, b in zip(r.token_times, r.token_times[1:], strict=False)]
+    return {
         "ttft_ms_p50": _ms(_percentile(ttft, 50)),
         "ttft_ms_p95": _ms(_percentile(ttft, 95)),
         "ttft_ms_p99": _ms(_percentile(ttft, 99)),
         "inter_token_ms_p50": _ms(_percentile(gaps, 50)),
         "inter_token_ms_p99": _ms(_percentile(gaps, 99)),
-        "e2e_ms_p50": _ms(_percentile(e2e, 50)),
-        "e2e_ms_p99": _ms(_percentile(e2e, 99)),
     }
 
 

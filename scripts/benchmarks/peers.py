@@ -89,9 +89,11 @@ def commands(args: argparse.Namespace, model: Path) -> dict[str, list[str]]:
 
 
 class Server:
-    def __init__(self, name: str, template: list[str]) -> None:
+    def __init__(self, name: str, template: list[str], api_key: str | None = None) -> None:
         self.name = name
         self.template = template
+        # For a server with keys, whose /v1/models answers only a key.
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.command: list[str] = []
         self.base = ""
         self.proc: asyncio.subprocess.Process | None = None
@@ -110,7 +112,7 @@ class Server:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(headers=self.headers) as session:
             for _ in range(1200):
                 try:
                     async with session.get(f"{self.base}/v1/models") as response:
