@@ -111,14 +111,23 @@ async def test_a_prompt_longer_than_the_step_is_read_across_steps_to_the_same_te
     # A few tokens: rounding differs with the shape of the batches that computed the cache,
     # enough to flip a close greedy choice many tokens on, but a chunk read at the wrong
     # positions, twice, or not at all changes the first ones.
-    stepped_text, stepped_steps = await _generate_counting_steps(stepped, prompt)
+    # A stream running beside it: only then is the step budget kept (alone, a prompt stalls
+    # nobody and is read whole).
+    companion = stepped.start(
+        GenerationRequest("beside", prompt[:8], SamplingParams(max_tokens=200, ignore_eos=True))
+    )
+    async with companion:
+        async for _ in companion:
+            break
+        stepped_text, stepped_steps = await _generate_counting_steps(stepped, prompt)
     whole_text, whole_steps = await _generate_counting_steps(whole, prompt)
     assert stepped_text == whole_text and stepped_text
-    # 16 tokens a step: the prompt alone takes at least len/16 steps; read whole, one step.
-    assert stepped_steps >= len(prompt) // 16
+    # 16 tokens a step, one of them the companion's: at least len/15 steps; read whole, one.
+    assert stepped_steps >= len(prompt) // 15
     assert whole_steps <= 6
     sizes = stepped.steps.tokens.snapshot()
-    assert sizes.counts[sizes.bounds.index(16)] == sizes.counts[-1]  # no step above 16
+    # Every step but the companion's first (its prompt, read alone) held at most 16 tokens.
+    assert sizes.counts[-1] - sizes.counts[sizes.bounds.index(16)] <= 1
 
 
 async def _generate_counting_steps(engine: Engine, prompt: list[int]) -> tuple[str, int]:
@@ -155,6 +164,7 @@ async def test_a_sequence_paused_by_a_full_step_can_be_cancelled(engine_with: En
     assert (counts[0], counts[2]) == (12, 12)
     assert await wait_until(lambda: engine.active_sequences == 0, 30)
     assert engine.cancelled_total == cancelled_before + 1
-    # No step carried more than two tokens: the streams really did take turns.
+    # No step carried more than two tokens but the first (the prompts, read while nothing
+    # streamed): the streams really did take turns.
     sizes = engine.steps.tokens.snapshot()
-    assert sizes.counts[sizes.bounds.index(2)] == sizes.counts[-1]
+    assert sizes.counts[-1] - sizes.counts[sizes.bounds.index(2)] <= 1
