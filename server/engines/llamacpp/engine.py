@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,6 +333,7 @@ class LlamaCppEngine(Engine):
         chunks = dict(plan.prefill)
         rows: list[tuple[int, int, int, bool]] = []
         sampling: list[tuple[_Sequence, int]] = []
+        prompt_read: Counter[Tenant] = Counter()
         # Rows in sequence-id order let llama.cpp split a batch into few micro-batches.
         for seq in self._active:
             if seq in decoding:
@@ -348,11 +349,9 @@ class LlamaCppEngine(Engine):
                 for i, token in enumerate(chunk):
                     rows.append((token, start + i, seq.slot, i == last and not seq.in_prefill))
                 seq.kv_tokens.extend(chunk)
-                seq.tenant.charge(prompt=len(chunk))
+                prompt_read[seq.tenant] += len(chunk)
                 if not seq.in_prefill:
                     sampling.append((seq, len(rows) - 1))
-        if not rows:
-            return
         status = model.decode(rows)
         if status != 0:
             self._fail_active(model, f"llama_decode failed with status {status}", out)
@@ -360,8 +359,11 @@ class LlamaCppEngine(Engine):
         stamp = now_ns()
         for seq, index in sampling:
             token = seq.sampler.sample(model.logits(index))
-            seq.tenant.charge(generated=1)
             self._advance(model, seq, token, stamp, out)
+        # Once per tenant and step, not per token: each charge takes the scheduler's lock.
+        generated = Counter(seq.tenant for seq, _ in sampling)
+        for tenant in prompt_read.keys() | generated.keys():
+            tenant.charge(prompt=prompt_read[tenant], generated=generated[tenant])
         self.steps.record(len(rows), time.perf_counter() - started)
 
     def _advance(
