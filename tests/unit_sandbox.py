@@ -373,4 +373,11 @@ def _keep_visible(paths: tuple[Path, ...], hidden: tuple[str, ...]) -> Iterator[
         if any(path.is_relative_to(folder) for folder in hidden):
             for above in reversed(path.parents[:-2]):
                 yield from ("--perms", "0755", "--dir", str(above))
-            yield from ("--ro-bind", str(path), str(path))
+            if path.is_dir() and not path.stat().st_mode & stat.S_IXOTH:
+                # A checkout in a folder only its owner may enter (`mktemp -d` makes them 0700):
+                # the unit's user could not reach the code, which an install puts under /opt.
+                yield from ("--perms", "0755", "--dir", str(path))
+                for child in sorted(path.iterdir()):
+                    yield from ("--ro-bind", str(child), str(child))
+            else:
+                yield from ("--ro-bind", str(path), str(path))
